@@ -1,0 +1,2 @@
+def main() -> int:
+    raise SystemExit("qtb-pipe: not implemented yet")

@@ -1,0 +1,1 @@
+"""scrypt_shim."""
