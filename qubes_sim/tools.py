@@ -1,0 +1,311 @@
+"""The emulated dom0 tools: qvm-backup, qvm-backup-restore, qvm-run, qvm-ls, qvm-prefs, qvm-start,
+qvm-shutdown, qvm-check. Run as `python -m qubes_sim.tools TOOL ARGS…` by the wrappers in a
+world's .sim/dom0-bin, with QUBES_SIM_DIR naming the world."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .backup import Profile, files_for, qubesd_backup, select_qubes
+from .restore import Restore, RestoreOptions
+from .world import SimError, World
+
+
+def _world() -> World:
+    root = os.environ.get("QUBES_SIM_DIR")
+    if not root:
+        raise SimError("QUBES_SIM_DIR is not set: run this through `qubes-sim run DIR -- …`", 2)
+    return World(Path(root))
+
+
+def _read_passphrase(source: str | None, prompt: str, confirm: str | None) -> str:
+    if source == "-":
+        return sys.stdin.readline().rstrip("\n")
+    if source:
+        return Path(source).read_text().splitlines()[0] if Path(source).read_text() else ""
+    first = getpass.getpass(prompt)
+    if confirm is not None and getpass.getpass(confirm) != first:
+        raise SimError("Passphrase mismatch!")
+    return first
+
+
+def _confirm(question: str) -> bool:
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def qvm_backup(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qvm-backup", description="Create backup of Qubes")
+    p.add_argument("-d", "--dest-vm", default="dom0")
+    p.add_argument("-x", "--exclude", action="append", default=[])
+    p.add_argument("-p", "--passphrase-file")
+    p.add_argument("-Z", "--compress-filter")
+    p.add_argument("--no-compress", action="store_true")
+    p.add_argument("-y", "--yes", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--profile")
+    p.add_argument("--save-profile")
+    p.add_argument("backup_location", nargs="?")
+    p.add_argument("vms", nargs="*")
+    args = p.parse_args(argv)
+    world = _world()
+    profdir = world.dom0 / "etc/qubes/backup"
+    if args.profile:
+        path = profdir / f"{args.profile}.conf"
+        if not path.is_file():
+            raise SimError(f"Profile {args.profile} does not exist", 2)
+        profile = Profile.parse(path.read_text())
+    else:
+        if not args.backup_location:
+            p.error("backup location is required")
+        compression: bool | str = False if args.no_compress else (args.compress_filter or True)
+        passphrase = _read_passphrase(
+            args.passphrase_file,
+            "Please enter the passphrase that will be used to encrypt and verify the backup: ",
+            "Enter again for verification: ")
+        profile = Profile(destination_vm=args.dest_vm, destination_path=args.backup_location,
+                          passphrase_text=passphrase, include=args.vms or None, exclude=args.exclude,
+                          compression=compression)
+    qubes = world.load_qubes()
+    selected = select_qubes(qubes, profile.include, profile.exclude)
+    if not args.quiet:
+        for q in selected:
+            size = sum(f.size for f in files_for(world, q))
+            print(f"  {q.name:<24} {q.klass:<12} {size:>14}")
+        print(f"The backup will be saved in {profile.destination_vm}: {profile.destination_path}")
+    if not args.yes and not _confirm("Do you want to proceed?"):
+        print("Backup canceled.", file=sys.stderr)
+        return 1
+    # The client writes the profile, qubesd runs it (admin.backup.Execute+<profile>).
+    name = args.save_profile or args.profile or f"qvm-backup-tmp-{os.getpid()}"
+    path = profdir / f"{name}.conf"
+    if not args.profile:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(profile.render())
+    try:
+        tty = sys.stderr.isatty()
+
+        def progress(pct: float) -> None:
+            if not args.quiet:
+                sys.stderr.write(f"\rBackup progress: {pct:.2f}%" if tty else f"Backup progress: {pct:.2f}%\n")
+                sys.stderr.flush()
+
+        qubesd_backup(world, Profile.parse(path.read_text()), progress)
+        if not args.quiet:
+            print(("\n" if tty else "") + "Backup finished.", file=sys.stderr)
+    finally:
+        if not args.save_profile and not args.profile:
+            path.unlink(missing_ok=True)
+    return 0
+
+
+def qvm_backup_restore(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qvm-backup-restore", description="Restore Qubes VMs from backup")
+    p.add_argument("-d", "--dest-vm", dest="backup_vm")
+    p.add_argument("--location-is-service", action="store_true")
+    p.add_argument("-p", "--passphrase-file")
+    p.add_argument("--verify-only", action="store_true")
+    p.add_argument("--skip-broken", action="store_true")
+    p.add_argument("--ignore-missing", action="store_true")
+    p.add_argument("--skip-conflicting", action="store_true")
+    p.add_argument("--rename-conflicting", action="store_true")
+    p.add_argument("-x", "--exclude", action="append", default=[])
+    p.add_argument("--skip-dom0-home", action="store_true")
+    p.add_argument("--ignore-username-mismatch", action="store_true")
+    p.add_argument("--ignore-size-limit", action="store_true")
+    p.add_argument("-Z", "--compression-filter")
+    p.add_argument("--paranoid-mode", "--plan-b", action="store_true")
+    p.add_argument("backup_location")
+    p.add_argument("vms", nargs="*")
+    args = p.parse_args(argv)
+    if args.location_is_service:
+        raise SimError("--location-is-service is not emulated", 2)
+    if args.paranoid_mode:
+        raise SimError("--paranoid-mode is not emulated (it needs a management DispVM)", 2)
+    world = _world()
+    opts = RestoreOptions(verify_only=args.verify_only, rename_conflicting=args.rename_conflicting,
+                          skip_conflicting=args.skip_conflicting, skip_broken=args.skip_broken,
+                          ignore_missing=args.ignore_missing, skip_dom0_home=args.skip_dom0_home,
+                          ignore_username_mismatch=args.ignore_username_mismatch,
+                          ignore_size_limit=args.ignore_size_limit, exclude=args.exclude, vms=args.vms)
+    passphrase = _read_passphrase(
+        args.passphrase_file, "Please enter the passphrase to verify and (if encrypted) decrypt the backup: ",
+        None)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    r = Restore(world, args.backup_vm, args.backup_location, passphrase, opts, log)
+    try:
+        log("Checking backup content...")
+        r.load_header()
+        backup_qubes = r.load_qubes_xml()
+        plan = r.plan(backup_qubes)
+        print("The following VMs are included in the backup:")
+        for t in plan:
+            note = ""
+            if "already-exists" in t.problems:
+                note = " <-- A VM with the same name already exists on the host!"
+            elif "excluded" in t.problems:
+                note = " <-- Excluded from restore"
+            elif "missing-template" in t.problems:
+                note = " <-- No matching template on the host or in the backup found!"
+            elif "username-mismatch" in t.problems:
+                note = " <-- username in backup and dom0 mismatch"
+            elif t.name != t.vm.name:
+                note = f" <-- Will be renamed to '{t.name}'"
+            print(f"  {t.vm.name:<24} {t.vm.klass:<12}{note}")
+        conflicts = [t for t in plan if "already-exists" in t.problems]
+        if conflicts and not args.skip_conflicting:
+            raise SimError("*** Error: VM(s) with the same name already exist on the host; remove them, or use "
+                           "--skip-conflicting or --rename-conflicting")
+        broken = [t for t in plan if {"missing-template", "username-mismatch"} & set(t.problems)]
+        if broken and not (args.skip_broken or args.ignore_missing):
+            raise SimError("*** Error: some VMs cannot be restored (missing template or username mismatch); "
+                           "use --skip-broken to skip them")
+        if not args.passphrase_file and not _confirm("Do you want to proceed?"):
+            raise SimError("Restore canceled")
+        r.restore_data(plan)
+        log("-> Done.")
+        if not opts.verify_only:
+            log("-> Please install updates for all the restored templates.")
+        return 0
+    finally:
+        r.cleanup()
+
+
+def qvm_run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qvm-run")
+    p.add_argument("-p", "--pass-io", action="store_true")
+    p.add_argument("--service", action="store_true")
+    p.add_argument("-u", "--user")
+    p.add_argument("-n", "--no-autostart", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--no-gui", "--nogui", action="store_true")
+    p.add_argument("--filter-escape-chars", action="store_true")
+    p.add_argument("--no-filter-escape-chars", action="store_true")
+    p.add_argument("vm")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    world = _world()
+    world.get_qube(args.vm)
+    if not world.is_running(args.vm):
+        if args.no_autostart:
+            print(f"qvm-run: error: Qube {args.vm} is not running", file=sys.stderr)
+            return 1
+        world.set_running(args.vm, True)
+    if args.service:
+        from . import qrexec
+        proc = qrexec.start_service(world, args.vm, args.cmd[0], stdout=None, stderr=None)
+        proc.stdin.close()
+        return proc.wait()
+    env = world.qube_env(args.vm)
+    stdio = {} if args.pass_io else {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
+    # qubes.VMShell: the command line goes to the qube's shell
+    return subprocess.call(["bash", "-c", " ".join(args.cmd)], env=env, cwd=env["HOME"], **stdio)
+
+
+def qvm_ls(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qvm-ls")
+    p.add_argument("--raw-list", action="store_true")
+    p.add_argument("--running", action="store_true")
+    args = p.parse_args(argv)
+    world = _world()
+    for q in sorted(world.load_qubes().values(), key=lambda q: q.name):
+        if args.running and not world.is_running(q.name):
+            continue
+        if args.raw_list:
+            print(q.name)
+        else:
+            state = "Running" if world.is_running(q.name) else "Halted"
+            print(f"{q.name:<20} {state:<8} {q.klass:<12} {q.label:<8} {q.template or '-'}")
+    return 0
+
+
+def qvm_prefs(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qvm-prefs")
+    p.add_argument("vm")
+    p.add_argument("prop", nargs="?")
+    p.add_argument("value", nargs="?")
+    args = p.parse_args(argv)
+    world = _world()
+    qubes = world.load_qubes()
+    q = world.get_qube(args.vm)
+    props = {"qid": q.qid, "name": q.name, "klass": q.klass, "label": q.label, "template": q.template,
+             "netvm": q.netvm, "include_in_backups": q.include_in_backups}
+    if args.prop is None:
+        for k, v in props.items():
+            print(f"{k:<20} {'' if v is None else v}")
+        return 0
+    if args.prop not in props:
+        raise SimError(f"no such property: '{args.prop}'", 2)
+    if args.value is None:
+        value = props[args.prop]
+        print("" if value is None else value)
+        return 0
+    if args.prop == "include_in_backups":
+        qubes[q.name].include_in_backups = args.value.lower() in ("1", "true", "yes")
+    elif args.prop in ("label", "template", "netvm"):
+        setattr(qubes[q.name], args.prop, args.value or None)
+    else:
+        raise SimError(f"property '{args.prop}' is read-only here", 2)
+    world.save_qubes(qubes)
+    return 0
+
+
+def qvm_start(argv: list[str], running: bool = True) -> int:
+    world = _world()
+    for name in argv:
+        world.get_qube(name)
+        world.set_running(name, running)
+    return 0
+
+
+def qvm_check(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qvm-check")
+    p.add_argument("--running", action="store_true")
+    p.add_argument("vm")
+    args = p.parse_args(argv)
+    world = _world()
+    try:
+        world.get_qube(args.vm)
+    except SimError:
+        print(f"qvm-check: error: no such domain: '{args.vm}'", file=sys.stderr)
+        return 2
+    if args.running and not world.is_running(args.vm):
+        print(f"{args.vm}: not running", file=sys.stderr)
+        return 1
+    print(f"{args.vm}: exists" + (" and is running" if args.running else ""))
+    return 0
+
+
+TOOLS = {"qvm-backup": qvm_backup, "qvm-backup-restore": qvm_backup_restore, "qvm-run": qvm_run,
+         "qvm-ls": qvm_ls, "qvm-prefs": qvm_prefs, "qvm-start": qvm_start,
+         "qvm-shutdown": lambda a: qvm_start([x for x in a if not x.startswith("-")], running=False),
+         "qvm-check": qvm_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tool = argv.pop(0)
+    try:
+        return TOOLS[tool](argv)
+    except SimError as e:
+        print(f"{tool}: error: {e}" if not str(e).startswith(("*** ", "Backup error")) else str(e),
+              file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
