@@ -21,20 +21,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import qrexec
-from .scrypt_pty import finish, launch_scrypt
+from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, render_qubes_xml
 
 CHUNK_SIZE = 100 * 1024 * 1024
 # Test-only switches (Qubes' own tests lower scrypt's work factor with `-t 0.1` the same way).
 TEST_CHUNK_SIZE_ENV = "QUBES_SIM_TEST_CHUNK_SIZE"
 TEST_SCRYPT_MAXTIME_ENV = "QUBES_SIM_TEST_SCRYPT_MAXTIME"
-HEADER_KEYS = ("version", "encrypted", "compressed", "compression-filter", "crypto-algorithm",
-               "hmac-algorithm", "backup-id")
+HEADER_KEYS = (
+    "version",
+    "encrypted",
+    "compressed",
+    "compression-filter",
+    "crypto-algorithm",
+    "hmac-algorithm",
+    "backup-id",
+)
 
 
 @dataclass
 class Profile:
     """A backup profile, /etc/qubes/backup/<name>.conf."""
+
     destination_vm: str
     destination_path: str
     passphrase_text: str
@@ -45,9 +53,13 @@ class Profile:
     def render(self) -> str:
         def q(s: str) -> str:
             return "'" + s.replace("'", "''") + "'"
-        lines = [f"destination_vm: {q(self.destination_vm)}", f"destination_path: {q(self.destination_path)}",
-                 f"passphrase_text: {q(self.passphrase_text)}",
-                 f"compression: {q(self.compression) if isinstance(self.compression, str) else self.compression}"]
+
+        lines = [
+            f"destination_vm: {q(self.destination_vm)}",
+            f"destination_path: {q(self.destination_path)}",
+            f"passphrase_text: {q(self.passphrase_text)}",
+            f"compression: {q(self.compression) if isinstance(self.compression, str) else self.compression}",
+        ]
         if self.include is not None:
             lines.append("include:")
             lines += [f"  - {q(n)}" for n in self.include]
@@ -75,9 +87,14 @@ class Profile:
                     values[key] = current
         comp = values.get("compression", "True")
         compression: bool | str = comp if comp not in ("True", "False") else comp == "True"
-        return cls(destination_vm=str(values["destination_vm"]), destination_path=str(values["destination_path"]),
-                   passphrase_text=str(values["passphrase_text"]), include=values.get("include"),
-                   exclude=list(values.get("exclude", [])), compression=compression)
+        return cls(
+            destination_vm=str(values["destination_vm"]),
+            destination_path=str(values["destination_path"]),
+            passphrase_text=str(values["passphrase_text"]),
+            include=values.get("include"),
+            exclude=list(values.get("exclude", [])),
+            compression=compression,
+        )
 
 
 def _unquote(s: str) -> str:
@@ -89,10 +106,10 @@ def _unquote(s: str) -> str:
 
 @dataclass
 class FileToBackup:
-    path: Path            # source on dom0's disk
-    subdir: str           # e.g. "vm12/" or "dom0-home/"
-    name: str             # name in the archive, e.g. "private.img"
-    size: int             # disk usage, the unit of backup-size
+    path: Path  # source on dom0's disk
+    subdir: str  # e.g. "vm12/" or "dom0-home/"
+    name: str  # name in the archive, e.g. "private.img"
+    size: int  # disk usage, the unit of backup-size
     is_dir: bool = False
 
     @property
@@ -136,8 +153,15 @@ def inner_tar_cmd(f: FileToBackup) -> list[str]:
     if f.is_dir:  # dom0 home: members <user>/...
         return ["tar", "-c", "-C", str(f.path.parent), f.path.name]
     sparse = ["--sparse"] if f.name.endswith(".img") else []
-    return ["tar", "-c", *sparse, "-C", str(f.path.parent),
-            f"--transform=s|^{f.path.name}$|{f.archive_path}|", f.path.name]
+    return [
+        "tar",
+        "-c",
+        *sparse,
+        "-C",
+        str(f.path.parent),
+        f"--transform=s|^{f.path.name}$|{f.archive_path}|",
+        f.path.name,
+    ]
 
 
 class Sender(threading.Thread):
@@ -153,11 +177,16 @@ class Sender(threading.Thread):
         while (name := self.files.get()) is not None:
             if self.error:
                 continue
-            code = subprocess.call(["tar", "-cO", "--posix", "-C", str(self.tmpdir), name],
-                                   stdout=self.target, stderr=subprocess.DEVNULL)
+            code = subprocess.call(
+                ["tar", "-cO", "--posix", "-C", str(self.tmpdir), name],
+                stdout=self.target,
+                stderr=subprocess.DEVNULL,
+            )
             if code >= 2:
-                self.error = ("Failed to write the backup, out of disk space? "
-                              "Check console output or ~/.xsession-errors for details.")
+                self.error = (
+                    "Failed to write the backup, out of disk space? "
+                    "Check console output or ~/.xsession-errors for details."
+                )
             (self.tmpdir / name).unlink(missing_ok=True)
 
 
@@ -189,11 +218,28 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
     vmproc = None
     try:
         (tmpdir / "qubes.xml").write_bytes(render_qubes_xml(qubes))
-        header = {"version": "4", "encrypted": "True", "compressed": str(compressed),
-                  "compression-filter": compress_prog, "hmac-algorithm": "scrypt", "backup-id": backup_id}
-        (tmpdir / "backup-header").write_text("".join(f"{k}={header[k]}\n" for k in HEADER_KEYS if k in header))
-        proc = launch_scrypt(["scrypt", "enc", *scrypt_opts, str(tmpdir / "backup-header"),
-                              str(tmpdir / "backup-header.hmac")], f"backup-header!{profile.passphrase_text}", env)
+        header = {
+            "version": "4",
+            "encrypted": "True",
+            "compressed": str(compressed),
+            "compression-filter": compress_prog,
+            "hmac-algorithm": "scrypt",
+            "backup-id": backup_id,
+        }
+        (tmpdir / "backup-header").write_text(
+            "".join(f"{k}={header[k]}\n" for k in HEADER_KEYS if k in header)
+        )
+        proc = launch_scrypt(
+            [
+                "scrypt",
+                "enc",
+                *scrypt_opts,
+                str(tmpdir / "backup-header"),
+                str(tmpdir / "backup-header.hmac"),
+            ],
+            f"backup-header!{profile.passphrase_text}",
+            env,
+        )
         code, err = finish(proc)
         if code != 0:
             raise SimError(f"Backup error: Failed to compute hmac of header file: {err}")
@@ -235,9 +281,12 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
                     break
                 chunk_name = f"{f.archive_path}.{index:03d}"
                 (tmpdir / chunk_name).parent.mkdir(parents=True, exist_ok=True)
-                enc = launch_scrypt(["scrypt", "enc", *scrypt_opts, "-", str(tmpdir / (chunk_name + ".enc"))],
-                                    f"{backup_id}!{chunk_name}!{profile.passphrase_text}", env,
-                                    stdin=subprocess.PIPE)
+                enc = launch_scrypt(
+                    ["scrypt", "enc", *scrypt_opts, "-", str(tmpdir / (chunk_name + ".enc"))],
+                    f"{backup_id}!{chunk_name}!{profile.passphrase_text}",
+                    env,
+                    stdin=subprocess.PIPE,
+                )
                 consumed = _copy_chunk(first, source, enc.stdin, chunk_size)
                 code, err = finish(enc)
                 if code != 0:  # qubesd only logs this
@@ -264,8 +313,10 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
             code = vmproc.wait()
             if code != 0:
                 msg = bytes(stderr_buf[-1024:]).decode(errors="replace").strip()
-                raise SimError(f"Backup error: Failed to send backup: VM '{profile.destination_vm}' "
-                               f"exited with code {code}: {msg}")
+                raise SimError(
+                    f"Backup error: Failed to send backup: VM '{profile.destination_vm}' "
+                    f"exited with code {code}: {msg}"
+                )
         else:
             target.close()
         if sender.error:
@@ -273,6 +324,8 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
         if progress:
             progress(100.0)
         return backup_id
+    except UnexpectedPrompt as e:
+        raise SimError(f"Backup error: {e}") from None
     finally:
         log.close()
         if vmproc is not None and vmproc.poll() is None:

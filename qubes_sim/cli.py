@@ -25,8 +25,14 @@ LAYOUT = [
 ]
 PROFILES = {"small": 1.0, "demo": 32.0}  # scale factors: small ≈ 12.5 MiB of volumes, demo ≈ 400 MiB
 HOME_FILES = {"small": (20, 16 * 1024), "demo": (60, 256 * 1024)}
-LABEL_OF = {"debian-12": "black", "sys-net": "red", "work": "blue", "personal": "yellow", "vault": "black",
-            "backup": "gray"}
+LABEL_OF = {
+    "debian-12": "black",
+    "sys-net": "red",
+    "work": "blue",
+    "personal": "yellow",
+    "vault": "black",
+    "backup": "gray",
+}
 SOFTWARE = ("qtb-adapter", "restic")  # what the template "has installed", if present next to python
 
 
@@ -37,21 +43,43 @@ def cmd_init(args: argparse.Namespace) -> int:
     base_total = sum(sum(v.values()) for *_, v in LAYOUT)
     scale = PROFILES[args.profile] if args.size_mib is None else args.size_mib / base_total
     dom0 = root / "dom0"
-    for d in ("usr/bin", "usr/local/bin", "usr/sbin", "usr/local/sbin", "etc/qubes/backup", "var/lib/qubes",
-              "var/log/qubes", "var/tmp", "root", f"home/{args.user}"):
+    for d in (
+        "usr/bin",
+        "usr/local/bin",
+        "usr/sbin",
+        "usr/local/sbin",
+        "etc/qubes/backup",
+        "var/lib/qubes",
+        "var/log/qubes",
+        "var/tmp",
+        "root",
+        f"home/{args.user}",
+    ):
         (dom0 / d).mkdir(parents=True, exist_ok=True)
     os.symlink(real_scrypt(), dom0 / "usr/bin/scrypt")
-    state = {"format": 1, "dom0_user": args.user, "seed": args.seed, "profile": args.profile,
-             "running": [] if args.bare else ["backup", "sys-net", "work"]}
+    state = {
+        "format": 1,
+        "dom0_user": args.user,
+        "seed": args.seed,
+        "profile": args.profile,
+        "running": [] if args.bare else ["backup", "sys-net", "work"],
+    }
     (root / "world.json").write_text(json.dumps(state, indent=2) + "\n")
     write_tool_wrappers(root)
     qubes = {"dom0": Qube(qid=0, name="dom0", klass="AdminVM", label="black")}
     layout = [x for x in LAYOUT if not args.bare or x[0] == "backup"]
     world = World(root)
     for qid, (name, klass, template, netvm, include, volumes) in enumerate(layout, start=1):
-        q = Qube(qid=qid, name=name, klass=klass, label=LABEL_OF[name],
-                 template=template if not args.bare else None, netvm=netvm if not args.bare else "",
-                 include_in_backups=include, provides_network=name == "sys-net")
+        q = Qube(
+            qid=qid,
+            name=name,
+            klass=klass,
+            label=LABEL_OF[name],
+            template=template if not args.bare else None,
+            netvm=netvm if not args.bare else "",
+            include_in_backups=include,
+            provides_network=name == "sys-net",
+        )
         if args.bare:  # a fresh install has no template yet; keep the backup qube standalone
             q.klass = "StandaloneVM"
         qubes[name] = q
@@ -60,13 +88,18 @@ def cmd_init(args: argparse.Namespace) -> int:
             volumes = {"root": 1, "private": 1}
         for i, (vol, mib) in enumerate(volumes.items()):
             size = max(64 * 1024, int(mib * scale * MiB) // 4096 * 4096)
-            content.write_image(q.vm_dir(world) / f"{vol}.img", size, args.seed * 1000 + qid * 10 + i,
-                                "root" if vol == "root" else "private")
+            content.write_image(
+                q.vm_dir(world) / f"{vol}.img",
+                size,
+                args.seed * 1000 + qid * 10 + i,
+                "root" if vol == "root" else "private",
+            )
         if netvm:
             (q.vm_dir(world) / "firewall.xml").write_text(
                 '<?xml version="1.0"?>\n<firewall version="2">\n  <rules>\n'
                 f'    <rule><properties><property name="action">accept</property></properties></rule>\n'
-                f'  </rules>\n</firewall>\n<!-- {name} -->\n')
+                f"  </rules>\n</firewall>\n<!-- {name} -->\n"
+            )
         if name in ("work", "vault"):
             (q.vm_dir(world) / "notes.txt").write_text(f"Notes for {name}: keys are in the vault.\n")
     (dom0 / "var/lib/qubes/qubes.xml").write_bytes(render_qubes_xml(qubes))
@@ -120,7 +153,8 @@ def cmd_mutate(args: argparse.Namespace) -> int:
             for i in range(3):
                 (home / "Documents").mkdir(exist_ok=True)
                 (home / "Documents" / f"new-{args.seed}-{i}.txt").write_bytes(
-                    content._text_block(rng, rng.randint(500, 20000)))
+                    content._text_block(rng, rng.randint(500, 20000))
+                )
             continue
         for vol in q.volumes:
             img = q.vm_dir(world) / f"{vol}.img"
@@ -184,13 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("init", help="create a world: a template, AppVMs, sys-net, a backup qube, dom0 home")
     s.add_argument("dir")
-    s.add_argument("--profile", choices=sorted(PROFILES), default="small",
-                   help="small: ~12 MiB of volumes, for tests; demo: ~400 MiB")
+    s.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="small",
+        help="small: ~12 MiB of volumes, for tests; demo: ~400 MiB",
+    )
     s.add_argument("--size-mib", type=float, help="scale the volumes to about this many MiB in total")
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--user", default="user", help="dom0 user name (default: user)")
-    s.add_argument("--bare", action="store_true",
-                   help="a freshly installed system to restore into: dom0 and the backup qube only")
+    s.add_argument(
+        "--bare",
+        action="store_true",
+        help="a freshly installed system to restore into: dom0 and the backup qube only",
+    )
     s.set_defaults(func=cmd_init)
     s = sub.add_parser("run", help="run a command in dom0 (default) or in a qube, with that side's PATH/HOME")
     s.add_argument("dir")
@@ -207,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("qubes", nargs="*")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--restored-home", action="store_true",
-                   help="digest the newest ~/home-restore-*/USER instead of dom0's home")
+    s.add_argument(
+        "--restored-home",
+        action="store_true",
+        help="digest the newest ~/home-restore-*/USER instead of dom0's home",
+    )
     s.set_defaults(func=cmd_digest)
     return p
 

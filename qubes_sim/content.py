@@ -13,11 +13,69 @@ from pathlib import Path
 
 BLOCK = 4096
 REGION = 64 * 1024
-WORDS = (
-    "qubes template private volume kernel package library config the of and to in is that for it "
-    "with as was on be at by this had not are but from or have an they which one you were her all "
-    "she there would their we him been has when who will more no if out so said what up its about"
-).split()
+WORDS = [
+    "qubes",
+    "template",
+    "private",
+    "volume",
+    "kernel",
+    "package",
+    "library",
+    "config",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "with",
+    "as",
+    "was",
+    "on",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "are",
+    "but",
+    "from",
+    "or",
+    "have",
+    "an",
+    "they",
+    "which",
+    "one",
+    "you",
+    "were",
+    "her",
+    "all",
+    "she",
+    "there",
+    "would",
+    "their",
+    "we",
+    "him",
+    "been",
+    "has",
+    "when",
+    "who",
+    "will",
+    "more",
+    "no",
+    "if",
+    "out",
+    "so",
+    "said",
+    "what",
+    "up",
+    "its",
+    "about",
+]
 
 
 def _text_block(rng: random.Random, size: int) -> bytes:
@@ -34,7 +92,7 @@ def _binary_block(rng: random.Random, size: int) -> bytes:
     for _ in range(size // 512):
         at = rng.randrange(0, max(1, size - 64))
         run = rng.randint(8, 48)
-        out[at:at + run] = bytes(len(out[at:at + run]))
+        out[at : at + run] = bytes(len(out[at : at + run]))
     return bytes(out[:size])
 
 

@@ -53,8 +53,13 @@ exit $status
 """
 
 
-def start_service(world: World, qube: str, service: str, stdout: int | IO | None = None,
-                  stderr: int | IO | None = subprocess.PIPE) -> subprocess.Popen:
+def start_service(
+    world: World,
+    qube: str,
+    service: str,
+    stdout: int | IO | None = None,
+    stderr: int | IO | None = subprocess.PIPE,
+) -> subprocess.Popen:
     """Start a qrexec service in a qube (autostarting it, as qrexec does)."""
     q = world.get_qube(qube)
     if q.klass == "AdminVM":
@@ -65,8 +70,15 @@ def start_service(world: World, qube: str, service: str, stdout: int | IO | None
         raise SimError(f"service {service} not emulated in {qube}", 2)
     env = world.qube_env(qube)
     env["TAR2QFILE"] = _tar2qfile_wrapper(world)
-    return subprocess.Popen(["bash", "-c", scripts[service]], stdin=subprocess.PIPE, stdout=stdout,
-                            stderr=stderr, env=env, cwd=env["HOME"], start_new_session=True)
+    return subprocess.Popen(
+        ["bash", "-c", scripts[service]],
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=env["HOME"],
+        start_new_session=True,
+    )
 
 
 def kill_service(proc: subprocess.Popen) -> None:
@@ -81,7 +93,7 @@ def kill_service(proc: subprocess.Popen) -> None:
 def _tar2qfile_wrapper(world: World) -> str:
     path = world.root / ".sim/tar2qfile"
     if not path.exists():
-        path.write_text(f"#!/bin/sh\nexec {sys.executable} -m qubes_sim.tar2qfile \"$@\"\n")
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} -m qubes_sim.tar2qfile "$@"\n')
         path.chmod(0o755)
     return str(path)
 
@@ -101,8 +113,7 @@ class UnpackError(Exception):
         self.code = code
 
 
-def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int,
-                 on_file) -> None:
+def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int, on_file) -> None:
     """qfile-dom0-unpacker: write each received file under target, calling on_file(name) once
     it is complete. Limits of 0 mean unlimited; exceeding one fails with EDQUOT, as Qubes does."""
     total_bytes = 0

@@ -23,8 +23,15 @@ from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, parse_qubes_xml
 
 HEADER_QUBES_XML_MAX_SIZE = 1024 * 1024
-HEADER_KEYS = {"version", "encrypted", "compressed", "compression-filter", "crypto-algorithm",
-               "hmac-algorithm", "backup-id"}
+HEADER_KEYS = {
+    "version",
+    "encrypted",
+    "compressed",
+    "compression-filter",
+    "crypto-algorithm",
+    "hmac-algorithm",
+    "backup-id",
+}
 
 
 @dataclass
@@ -87,8 +94,15 @@ def parse_header(data: bytes) -> dict[str, str]:
 
 
 class Restore:
-    def __init__(self, world: World, backup_vm: str | None, location: str, passphrase: str,
-                 options: RestoreOptions, log) -> None:
+    def __init__(
+        self,
+        world: World,
+        backup_vm: str | None,
+        location: str,
+        passphrase: str,
+        options: RestoreOptions,
+        log,
+    ) -> None:
         self.world, self.backup_vm, self.location = world, backup_vm, location
         self.passphrase, self.options, self.log = passphrase, options, log
         (world.dom0 / "var/tmp").mkdir(parents=True, exist_ok=True)
@@ -108,8 +122,19 @@ class Restore:
             stream = proc.stdout
         else:
             tar2qfile = [str(Path(qrexec._tar2qfile_wrapper(self.world))), *prefixes]
-            proc = subprocess.Popen(tar2qfile, stdin=open(self.location, "rb"), stdout=subprocess.PIPE,  # noqa: SIM115
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                with open(self.location, "rb") as local:
+                    proc = subprocess.Popen(
+                        tar2qfile,
+                        stdin=local,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        start_new_session=True,
+                    )
+            except OSError as e:
+                raise SimError(
+                    f"unable to read the qubes backup file {self.location}: {e.strerror}"
+                ) from None
             stream = proc.stdout
         self.retrieval = proc
         try:
@@ -117,8 +142,10 @@ class Restore:
         except qrexec.UnpackError as e:
             qrexec.kill_service(proc)
             if e.code == errno.EDQUOT:
-                raise SimError("retrieved backup size exceed expected size, if you believe this is ok, "
-                               "use --ignore-size-limit option") from None
+                raise SimError(
+                    "retrieved backup size exceed expected size, if you believe this is ok, "
+                    "use --ignore-size-limit option"
+                ) from None
             raise SimError(f"unable to read the qubes backup file {self.location}: {e}") from None
         finally:
             stream.close()
@@ -155,7 +182,9 @@ class Restore:
         self._retrieve_files(["backup-header", "backup-header.hmac"])
         try:
             self._decrypt("backup-header.hmac", "backup-header.dec")
-            ok = (self.tmpdir / "backup-header").read_bytes() == (self.tmpdir / "backup-header.dec").read_bytes()
+            ok = (self.tmpdir / "backup-header").read_bytes() == (
+                self.tmpdir / "backup-header.dec"
+            ).read_bytes()
         except SimError:
             ok = False
         if not ok:
@@ -200,16 +229,23 @@ class Restore:
                 else:
                     t.problems.append("already-exists")
         for t in plan:
-            if t.template and not (t.template in host and host[t.template].klass == "TemplateVM") and not any(
-                    o2.vm.name == t.template and not o2.problems for o2 in plan):
+            if (
+                t.template
+                and not (t.template in host and host[t.template].klass == "TemplateVM")
+                and not any(o2.vm.name == t.template and not o2.problems for o2 in plan)
+            ):
                 defaults = [q.name for q in host.values() if q.klass == "TemplateVM"]
                 if defaults:
                     t.template = defaults[0]
                 else:
                     t.problems.append("missing-template")
         dom0 = backup_qubes.get("dom0")
-        if dom0 and dom0.features.get("backup-content") == "True" and not o.skip_dom0_home and (
-                not o.vms or "dom0" in o.vms):
+        if (
+            dom0
+            and dom0.features.get("backup-content") == "True"
+            and not o.skip_dom0_home
+            and (not o.vms or "dom0" in o.vms)
+        ):
             t = ToRestore(dom0, "dom0", None)
             if Path(t.subdir).name != self.world.user and not o.ignore_username_mismatch:
                 t.problems.append("username-mismatch")
@@ -273,11 +309,18 @@ class Restore:
             if t.vm.klass == "AdminVM":
                 continue
             self.log(f"-> Restoring {t.vm.name}...")
-            q = Qube(qid=next_qid, name=t.name, klass=t.vm.klass, label=t.vm.label,
-                     template=renamed.get(t.template, t.template) if t.template else None,
-                     netvm=renamed.get(t.vm.netvm, t.vm.netvm) if t.vm.netvm else t.vm.netvm,
-                     include_in_backups=t.vm.include_in_backups, provides_network=t.vm.provides_network,
-                     features=dict(t.vm.features), tags=list(t.vm.tags))
+            q = Qube(
+                qid=next_qid,
+                name=t.name,
+                klass=t.vm.klass,
+                label=t.vm.label,
+                template=renamed.get(t.template, t.template) if t.template else None,
+                netvm=renamed.get(t.vm.netvm, t.vm.netvm) if t.vm.netvm else t.vm.netvm,
+                include_in_backups=t.vm.include_in_backups,
+                provides_network=t.vm.provides_network,
+                features=dict(t.vm.features),
+                tags=list(t.vm.tags),
+            )
             next_qid += 1
             host[q.name] = q
             q.vm_dir(self.world).mkdir(parents=True, exist_ok=True)
@@ -345,18 +388,24 @@ class InnerExtractor:
             dest = home / time.strftime("home-restore-%Y-%m-%d-%H%M%S")
             dest.mkdir(parents=True, exist_ok=True)
             self.r.log(f"Restoring home of user '{self.r.world.user}' to '{dest.name}' directory...")
-            self.proc = subprocess.Popen(self._tar_cmd(["-x", "-C", str(dest)]), stdin=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
+            self.proc = subprocess.Popen(
+                self._tar_cmd(["-x", "-C", str(dest)]), stdin=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             return
         t = self.targets.get(subdir)
         if t is None or t.restored is None:
             self.proc = None
             return
         vm_dir = t.restored.vm_dir(self.r.world)
-        self.proc = subprocess.Popen(self._tar_cmd(["-xO", base]), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.sink_thread = threading.Thread(target=self._import, args=(self.proc.stdout, vm_dir / fname),
-                                            daemon=True)
+        self.proc = subprocess.Popen(
+            self._tar_cmd(["-xO", base]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.sink_thread = threading.Thread(
+            target=self._import, args=(self.proc.stdout, vm_dir / fname), daemon=True
+        )
         self.sink_thread.start()
 
     def _import(self, stream, path: Path) -> None:
@@ -366,7 +415,7 @@ class InnerExtractor:
                 while block := stream.read(1 << 20):
                     view = memoryview(block)
                     for off in range(0, len(block), 4096):
-                        piece = view[off:off + 4096]
+                        piece = view[off : off + 4096]
                         if piece.tobytes().count(0) == len(piece):
                             out.seek(len(piece), 1)
                         else:

@@ -13,16 +13,23 @@ import subprocess
 import termios
 from typing import IO
 
-PROMPTS = {"enc": (b"Please enter passphrase: ", b"Please confirm passphrase: "),
-           "dec": (b"Please enter passphrase: ",)}
+PROMPTS = {
+    "enc": (b"Please enter passphrase: ", b"Please confirm passphrase: "),
+    "dec": (b"Please enter passphrase: ",),
+}
 
 
 class UnexpectedPrompt(Exception):
     pass
 
 
-def launch_scrypt(argv: list[str], passphrase: str, env: dict[str, str], stdin: int | IO | None = None,
-                  stdout: int | IO | None = None) -> subprocess.Popen:
+def launch_scrypt(
+    argv: list[str],
+    passphrase: str,
+    env: dict[str, str],
+    stdin: int | IO | None = None,
+    stdout: int | IO | None = None,
+) -> subprocess.Popen:
     """Start scrypt with argv (argv[1] is enc|dec), answer its prompts, return the process.
 
     The process's stderr is a pipe; what follows the prompts is its error output."""
@@ -37,8 +44,9 @@ def launch_scrypt(argv: list[str], passphrase: str, env: dict[str, str], stdin: 
         attrs[3] &= ~termios.ECHO
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
 
-    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env,
-                            preexec_fn=set_ctty)
+    proc = subprocess.Popen(
+        argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env, preexec_fn=set_ctty
+    )
     os.close(slave)
     pty = os.fdopen(master, "wb", buffering=0)
     try:

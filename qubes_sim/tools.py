@@ -68,10 +68,16 @@ def qvm_backup(argv: list[str]) -> int:
         passphrase = _read_passphrase(
             args.passphrase_file,
             "Please enter the passphrase that will be used to encrypt and verify the backup: ",
-            "Enter again for verification: ")
-        profile = Profile(destination_vm=args.dest_vm, destination_path=args.backup_location,
-                          passphrase_text=passphrase, include=args.vms or None, exclude=args.exclude,
-                          compression=compression)
+            "Enter again for verification: ",
+        )
+        profile = Profile(
+            destination_vm=args.dest_vm,
+            destination_path=args.backup_location,
+            passphrase_text=passphrase,
+            include=args.vms or None,
+            exclude=args.exclude,
+            compression=compression,
+        )
     qubes = world.load_qubes()
     selected = select_qubes(qubes, profile.include, profile.exclude)
     if not args.quiet:
@@ -94,7 +100,9 @@ def qvm_backup(argv: list[str]) -> int:
 
         def progress(pct: float) -> None:
             if not args.quiet:
-                sys.stderr.write(f"\rBackup progress: {pct:.2f}%" if tty else f"Backup progress: {pct:.2f}%\n")
+                sys.stderr.write(
+                    f"\rBackup progress: {pct:.2f}%" if tty else f"Backup progress: {pct:.2f}%\n"
+                )
                 sys.stderr.flush()
 
         qubesd_backup(world, Profile.parse(path.read_text()), progress)
@@ -130,14 +138,23 @@ def qvm_backup_restore(argv: list[str]) -> int:
     if args.paranoid_mode:
         raise SimError("--paranoid-mode is not emulated (it needs a management DispVM)", 2)
     world = _world()
-    opts = RestoreOptions(verify_only=args.verify_only, rename_conflicting=args.rename_conflicting,
-                          skip_conflicting=args.skip_conflicting, skip_broken=args.skip_broken,
-                          ignore_missing=args.ignore_missing, skip_dom0_home=args.skip_dom0_home,
-                          ignore_username_mismatch=args.ignore_username_mismatch,
-                          ignore_size_limit=args.ignore_size_limit, exclude=args.exclude, vms=args.vms)
+    opts = RestoreOptions(
+        verify_only=args.verify_only,
+        rename_conflicting=args.rename_conflicting,
+        skip_conflicting=args.skip_conflicting,
+        skip_broken=args.skip_broken,
+        ignore_missing=args.ignore_missing,
+        skip_dom0_home=args.skip_dom0_home,
+        ignore_username_mismatch=args.ignore_username_mismatch,
+        ignore_size_limit=args.ignore_size_limit,
+        exclude=args.exclude,
+        vms=args.vms,
+    )
     passphrase = _read_passphrase(
-        args.passphrase_file, "Please enter the passphrase to verify and (if encrypted) decrypt the backup: ",
-        None)
+        args.passphrase_file,
+        "Please enter the passphrase to verify and (if encrypted) decrypt the backup: ",
+        None,
+    )
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
@@ -164,12 +181,16 @@ def qvm_backup_restore(argv: list[str]) -> int:
             print(f"  {t.vm.name:<24} {t.vm.klass:<12}{note}")
         conflicts = [t for t in plan if "already-exists" in t.problems]
         if conflicts and not args.skip_conflicting:
-            raise SimError("*** Error: VM(s) with the same name already exist on the host; remove them, or use "
-                           "--skip-conflicting or --rename-conflicting")
+            raise SimError(
+                "*** Error: VM(s) with the same name already exist on the host; remove them, or use "
+                "--skip-conflicting or --rename-conflicting"
+            )
         broken = [t for t in plan if {"missing-template", "username-mismatch"} & set(t.problems)]
         if broken and not (args.skip_broken or args.ignore_missing):
-            raise SimError("*** Error: some VMs cannot be restored (missing template or username mismatch); "
-                           "use --skip-broken to skip them")
+            raise SimError(
+                "*** Error: some VMs cannot be restored (missing template or username mismatch); "
+                "use --skip-broken to skip them"
+            )
         if not args.passphrase_file and not _confirm("Do you want to proceed?"):
             raise SimError("Restore canceled")
         r.restore_data(plan)
@@ -203,6 +224,7 @@ def qvm_run(argv: list[str]) -> int:
         world.set_running(args.vm, True)
     if args.service:
         from . import qrexec
+
         proc = qrexec.start_service(world, args.vm, args.cmd[0], stdout=None, stderr=None)
         proc.stdin.close()
         return proc.wait()
@@ -238,8 +260,15 @@ def qvm_prefs(argv: list[str]) -> int:
     world = _world()
     qubes = world.load_qubes()
     q = world.get_qube(args.vm)
-    props = {"qid": q.qid, "name": q.name, "klass": q.klass, "label": q.label, "template": q.template,
-             "netvm": q.netvm, "include_in_backups": q.include_in_backups}
+    props = {
+        "qid": q.qid,
+        "name": q.name,
+        "klass": q.klass,
+        "label": q.label,
+        "template": q.template,
+        "netvm": q.netvm,
+        "include_in_backups": q.include_in_backups,
+    }
     if args.prop is None:
         for k, v in props.items():
             print(f"{k:<20} {'' if v is None else v}")
@@ -286,10 +315,16 @@ def qvm_check(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"qvm-backup": qvm_backup, "qvm-backup-restore": qvm_backup_restore, "qvm-run": qvm_run,
-         "qvm-ls": qvm_ls, "qvm-prefs": qvm_prefs, "qvm-start": qvm_start,
-         "qvm-shutdown": lambda a: qvm_start([x for x in a if not x.startswith("-")], running=False),
-         "qvm-check": qvm_check}
+TOOLS = {
+    "qvm-backup": qvm_backup,
+    "qvm-backup-restore": qvm_backup_restore,
+    "qvm-run": qvm_run,
+    "qvm-ls": qvm_ls,
+    "qvm-prefs": qvm_prefs,
+    "qvm-start": qvm_start,
+    "qvm-shutdown": lambda a: qvm_start([x for x in a if not x.startswith("-")], running=False),
+    "qvm-check": qvm_check,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return TOOLS[tool](argv)
     except SimError as e:
-        print(f"{tool}: error: {e}" if not str(e).startswith(("*** ", "Backup error")) else str(e),
-              file=sys.stderr)
+        print(
+            f"{tool}: error: {e}" if not str(e).startswith(("*** ", "Backup error")) else str(e),
+            file=sys.stderr,
+        )
         return e.code
     except KeyboardInterrupt:
         return 130

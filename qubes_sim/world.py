@@ -21,14 +21,26 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DOM0_TOOLS = ("qvm-backup", "qvm-backup-restore", "qvm-run", "qvm-ls", "qvm-prefs", "qvm-start",
-              "qvm-shutdown", "qvm-check")
+DOM0_TOOLS = (
+    "qvm-backup",
+    "qvm-backup-restore",
+    "qvm-run",
+    "qvm-ls",
+    "qvm-prefs",
+    "qvm-start",
+    "qvm-shutdown",
+    "qvm-check",
+)
 # systemd's default PATH, which qubesd inherits (its unit sets none): /usr/local before /usr.
 SYSTEMD_DEFAULT_PATH = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin")
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
-VOLUME_FILES = {"TemplateVM": ("root", "private"), "StandaloneVM": ("root", "private"),
-                "AppVM": ("private",), "AdminVM": ()}
+VOLUME_FILES = {
+    "TemplateVM": ("root", "private"),
+    "StandaloneVM": ("root", "private"),
+    "AppVM": ("private",),
+    "AdminVM": (),
+}
 
 
 class SimError(Exception):
@@ -122,10 +134,20 @@ class World:
     def dom0_env(self) -> dict[str, str]:
         """Environment of a user shell in dom0: emulated qvm-* first, then dom0's own PATH."""
         env = dict(os.environ)
-        parts = [str(self.sim_bin()), str(self.dom0 / "usr/local/bin"), str(self.dom0 / "usr/bin"),
-                 str(Path(sys.executable).parent), HOST_PATH]
-        env.update(PATH=":".join(parts), HOME=str(self.dom0_home), USER=self.user,
-                   QUBES_SIM_DIR=str(self.root), QTB_PIPE_ROOT=str(self.dom0))
+        parts = [
+            str(self.sim_bin()),
+            str(self.dom0 / "usr/local/bin"),
+            str(self.dom0 / "usr/bin"),
+            str(Path(sys.executable).parent),
+            HOST_PATH,
+        ]
+        env.update(
+            PATH=":".join(parts),
+            HOME=str(self.dom0_home),
+            USER=self.user,
+            QUBES_SIM_DIR=str(self.root),
+            QTB_PIPE_ROOT=str(self.dom0),
+        )
         return env
 
     def qubesd_path(self) -> str:
@@ -136,8 +158,12 @@ class World:
         """Environment of the qube's default user: its own PATH and HOME, nothing of dom0."""
         root = self.qube_root(name)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("QTB_", "QUBES_SIM"))}
-        env.update(PATH=f"{root}/usr/local/bin:{root}/usr/bin:{HOST_PATH}", HOME=str(root / "home/user"),
-                   USER="user", QUBES_SIM_QUBE=name)
+        env.update(
+            PATH=f"{root}/usr/local/bin:{root}/usr/bin:{HOST_PATH}",
+            HOME=str(root / "home/user"),
+            USER="user",
+            QUBES_SIM_QUBE=name,
+        )
         return env
 
 
@@ -188,10 +214,12 @@ def parse_qubes_xml(data: bytes) -> dict[str, Qube]:
         text = {k: (el.text or "") for k, el in props.items()}
         label_el = props.get("label")
         q = Qube(
-            qid=int(text["qid"]), name=text["name"], klass=dom.get("class", "AppVM"),
+            qid=int(text["qid"]),
+            name=text["name"],
+            klass=dom.get("class", "AppVM"),
             label=labels.get(label_el.get("ref"), "red") if label_el is not None else "red",
             template=text.get("template") or None,
-            netvm=text["netvm"] if "netvm" in text else None,
+            netvm=text.get("netvm"),
             include_in_backups=_bool(text.get("include_in_backups", "True")),
             provides_network=_bool(text.get("provides_network")),
             features={el.get("name"): el.text or "" for el in dom.iterfind("features/feature")},
@@ -207,7 +235,7 @@ def write_tool_wrappers(world_root: Path) -> None:
     bindir.mkdir(parents=True, exist_ok=True)
     for tool in DOM0_TOOLS:
         path = bindir / tool
-        path.write_text(f"#!/bin/sh\nexec {sys.executable} -m qubes_sim.tools {tool} \"$@\"\n")
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} -m qubes_sim.tools {tool} "$@"\n')
         path.chmod(0o755)
 
 

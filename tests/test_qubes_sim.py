@@ -1,0 +1,245 @@
+"""The emulated Qubes (qubes_sim) against the facts file, with the real scrypt and GNU tar."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from simtools import Sim, make_world
+
+BACKED_UP = ("debian-12", "work", "personal", "vault", "dom0")
+
+
+def backup_to_dir(
+    world: Sim, passphrase_file: Path, *extra: str, vms: tuple[str, ...] = (), env: dict | None = None
+) -> Path:
+    target = world.qube_home("backup") / "backups"
+    target.mkdir(exist_ok=True)
+    before = set(target.iterdir())
+    world.run(
+        "qvm-backup",
+        "-y",
+        "-q",
+        "-p",
+        str(passphrase_file),
+        *extra,
+        "-d",
+        "backup",
+        str(target),
+        *vms,
+        env=env,
+        check=True,
+    )
+    (new,) = set(target.iterdir()) - before
+    return new
+
+
+def restore(
+    world: Sim,
+    passphrase_file: Path,
+    location: Path | str,
+    *extra: str,
+    vms: tuple[str, ...] = (),
+    env: dict | None = None,
+):
+    argv = ["qvm-backup-restore", "-p", str(passphrase_file), *extra, "-d", "backup", str(location), *vms]
+    return world.run(*argv, env=env)
+
+
+def members(stream: Path, *flags: str) -> list[str]:
+    out = subprocess.run(["tar", *flags, "-t", "-f", str(stream)], capture_output=True, check=True)
+    return out.stdout.decode().split()
+
+
+def test_stock_round_trip_with_real_scrypt(world: Sim, fresh_world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file)
+    proc = restore(fresh_world, passphrase_file, stream)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert fresh_world.digest(*BACKED_UP, restored_home=True) == world.digest(*BACKED_UP)
+    # every chunk really is a scrypt file (magic bytes), not plaintext
+    listing = members(stream, "-i")
+    assert all(name.endswith(".enc") for name in listing[2:])
+
+
+def test_stream_layout_matches_qubes_order(world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file)
+    listing = members(stream, "-i")
+    assert listing[:3] == ["backup-header", "backup-header.hmac", "qubes.xml.000.enc"]
+    # template (qid 1) root+private, AppVMs by qid (sys-net and backup excluded), dom0 home last
+    assert listing[-1] == "dom0-home/user.000.enc"
+    dirs = [n.split("/")[0] for n in listing[3:]]
+    assert dirs == sorted(dirs, key=lambda d: (d == "dom0-home", int(d[2:]) if d.startswith("vm") else 0))
+    assert "vm1/root.img.000.enc" in listing and "vm1/private.img.000.enc" in listing
+    assert not any(n.startswith(("vm2/", "vm6/")) for n in listing)  # sys-net, backup: not included
+    # files are complete, in chunk order, before the next file
+    chunks = [n for n in listing if n.startswith("vm1/root.img.")]
+    assert chunks == [f"vm1/root.img.{i:03d}.enc" for i in range(len(chunks))] and len(chunks) >= 2
+    # one independent archive per file: plain tar stops after the first
+    assert members(stream) == ["backup-header"]
+
+
+def test_wrong_passphrase_fails_like_qubes(world: Sim, passphrase_file: Path, tmp_path: Path):
+    stream = backup_to_dir(world, passphrase_file)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    proc = restore(world, wrong, stream, "--verify-only")
+    assert proc.returncode != 0
+    assert b"Corrupted backup header (hmac verification failed). Is the password correct?" in proc.stderr
+
+
+def test_flipped_byte_fails_to_decrypt(world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file, "--no-compress")
+    data = bytearray(stream.read_bytes())
+    at = data.find(b"vm3/private.img.000.enc")
+    assert at > 0
+    data[at + 4096] ^= 0x01  # inside that member's data (past its pax and ustar headers)
+    stream.write_bytes(bytes(data))
+    proc = restore(world, passphrase_file, stream, "--verify-only", "--ignore-size-limit")
+    assert proc.returncode != 0
+    assert b"failed to decrypt" in proc.stderr and b"vm3/private.img.000.enc" in proc.stderr
+
+
+def test_uncompressed_from_qube_hits_size_limit(world: Sim, fresh_world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file, "--no-compress")
+    proc = restore(fresh_world, passphrase_file, stream)
+    assert proc.returncode != 0
+    assert b"retrieved backup size exceed expected size" in proc.stderr
+    # a failed restore leaves created qubes behind (as Qubes does): restore the data into a new world
+    again = make_world(fresh_world.root.parent / "fresh2", "--bare")
+    proc = restore(again, passphrase_file, stream, "--ignore-size-limit")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert again.digest(*BACKED_UP, restored_home=True) == world.digest(*BACKED_UP)
+
+
+def test_location_command_failure_fails_backup_with_its_stderr(world: Sim, passphrase_file: Path):
+    script = world.root / "qubes/backup/usr/local/bin/failing-store"
+    script.write_text(
+        "#!/bin/sh\nhead -c 100000 >/dev/null\necho 'store: repository is locked' >&2\nexit 3\n"
+    )
+    script.chmod(0o755)
+    proc = world.run(
+        "qvm-backup", "-y", "-q", "-p", str(passphrase_file), "-d", "backup", "failing-store --x"
+    )
+    assert proc.returncode != 0
+    assert b"store: repository is locked" in proc.stderr
+
+
+def test_location_command_gets_stream_and_its_stdout_is_discarded(world: Sim, passphrase_file: Path):
+    out = world.qube_home("backup") / "via-command"
+    script = world.root / "qubes/backup/usr/local/bin/keep-stream"
+    script.write_text('#!/bin/sh\necho "noise on stdout"\ncat > "$1"\n')
+    script.chmod(0o755)
+    # quotes and word splitting as in `eval "set -- $LOCATION"`
+    world.run(
+        "qvm-backup",
+        "-y",
+        "-q",
+        "-p",
+        str(passphrase_file),
+        "-d",
+        "backup",
+        f"keep-stream '{out}'",
+        check=True,
+    )
+    assert members(out, "-i")[0] == "backup-header"
+    assert b"noise" not in out.read_bytes()[:512]
+
+
+def test_restore_reruns_command_and_writer_sees_epipe(world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file)
+    log = world.qube_home("backup") / "serve.log"
+    script = world.root / "qubes/backup/usr/local/bin/serve"
+    script.write_text(f'#!/bin/bash\ncat "$1"\necho "exit=$?" >> {log}\n')
+    script.chmod(0o755)
+    proc = restore(world, passphrase_file, f"serve {stream}", "--verify-only")
+    assert proc.returncode == 0, proc.stderr.decode()
+    runs = log.read_text().split()
+    assert len(runs) == 3  # header files; qubes.xml; the qubes' data
+    assert runs[0] != "exit=0"  # tar2qfile stopped after the header files: the writer got EPIPE
+
+
+def test_qubesd_resolves_scrypt_in_usr_local_bin_first(world: Sim, passphrase_file: Path):
+    calls = world.root / "scrypt-calls"
+    wrapper = world.dom0 / "usr/local/bin/scrypt"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {world.dom0}/usr/bin/scrypt "$@"\n')
+    wrapper.chmod(0o755)
+    stream = backup_to_dir(world, passphrase_file)
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("enc ") and lines[0].endswith("backup-header.hmac")
+    chunk_calls = [ln for ln in lines[1:]]
+    assert all(ln.split()[-2] == "-" and ln.split()[-1].endswith(".enc") for ln in chunk_calls)
+    calls.write_text("")
+    assert restore(world, passphrase_file, stream, "--verify-only").returncode == 0
+    assert all(ln.startswith("dec -f ") for ln in calls.read_text().splitlines())
+
+
+def test_chunk_scrypt_failure_is_ignored_like_qubesd(world: Sim, passphrase_file: Path):
+    wrapper = world.dom0 / "usr/local/bin/scrypt"
+    # answers the dialogue like scrypt, then fails on one chunk
+    wrapper.write_text(
+        '#!/bin/bash\ncase "$*" in *vm3/private.img.000.enc)\n'
+        "  printf 'Please enter passphrase: ' >&2; read -r p </dev/tty\n"
+        "  printf 'Please confirm passphrase: ' >&2; read -r p </dev/tty\n"
+        '  head -c 1000 > "${@: -1}"; cat >/dev/null; exit 1;;\nesac\n'
+        f'exec {world.dom0}/usr/bin/scrypt "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    # a partial output file and exit 1: qvm-backup still succeeds (a missing file would fail its tar)
+    stream = backup_to_dir(world, passphrase_file)
+    assert "vm3/private.img.000.enc" in members(stream, "-i")
+    assert "exited 1" in (world.dom0 / "var/log/qubes/qubesd.log").read_text()
+
+
+def test_conflicting_names(world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file, vms=("work",))
+    proc = restore(world, passphrase_file, stream)
+    assert proc.returncode != 0 and b"already exist" in proc.stderr
+    proc = restore(world, passphrase_file, stream, "--skip-conflicting")
+    assert proc.returncode == 0
+    assert "work1" not in world.digest()["qubes"]
+    proc = restore(world, passphrase_file, stream, "--rename-conflicting")
+    assert proc.returncode == 0, proc.stderr.decode()
+    digest = world.digest("work", "work1")["qubes"]
+    assert digest["work1"]["files"] == digest["work"]["files"]
+
+
+def test_vm_list_exclusions_and_skip_dom0_home(world: Sim, fresh_world: Sim, passphrase_file: Path):
+    stream = backup_to_dir(world, passphrase_file)
+    proc = restore(
+        fresh_world, passphrase_file, stream, "--skip-dom0-home", "-x", "personal", vms=("vault", "debian-12")
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    restored = fresh_world.digest()["qubes"]
+    assert set(restored) == {"backup", "vault", "debian-12"}
+    assert not list(fresh_world.dom0.joinpath("home/user").glob("home-restore-*"))
+
+
+def test_init_is_deterministic_and_mutate_changes_content(tmp_path: Path):
+    a = make_world(tmp_path / "a", "--seed", "3")
+    b = make_world(tmp_path / "b", "--seed", "3")
+    assert a.digest() == b.digest()
+    subprocess.run(["qubes-sim", "mutate", str(b.root), "--percent", "2"], check=True, capture_output=True)
+    before, after = a.digest(), b.digest()
+    for name in ("debian-12", "work"):
+        assert before["qubes"][name]["files"]["private.img"] != after["qubes"][name]["files"]["private.img"]
+    assert len(after["dom0-home"]) > len(before["dom0-home"])
+
+
+@pytest.mark.slow
+def test_default_work_factor_is_qubesd_call(world: Sim, passphrase_file: Path):
+    """With no test switch, chunks use scrypt's own default (~5 s, ~GBs per call)."""
+    default = {"QUBES_SIM_TEST_SCRYPT_MAXTIME": None, "QUBES_SIM_TEST_CHUNK_SIZE": None}
+    fast = backup_to_dir(world, passphrase_file, vms=("vault",))
+    slow = backup_to_dir(world, passphrase_file, vms=("vault",), env=default)
+
+    def log_n(stream: Path) -> int:
+        data = subprocess.run(
+            ["tar", "-i", "-xO", "-f", str(stream), "vm5/notes.txt.000.enc"], capture_output=True, check=True
+        ).stdout
+        assert data[:6] == b"scrypt"
+        return data[7]
+
+    assert log_n(slow) >= log_n(fast) + 4  # 16x the work (or more) of the -t 0.1 test setting
+    proc = restore(world, passphrase_file, slow, "--verify-only", env=default)
+    assert proc.returncode == 0, proc.stderr.decode()
