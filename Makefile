@@ -17,7 +17,7 @@ test: setup lint
 	$(BIN)/pytest -ra $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m qtb_pipe.demo_entry $(DEMO_ARGS)
+	$(BIN)/qtb-pipe demo $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -237,17 +237,30 @@ def qvm_run(argv: list[str]) -> int:
 def qvm_ls(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qvm-ls")
     p.add_argument("--raw-list", action="store_true")
+    p.add_argument("--raw-data", action="store_true")
+    p.add_argument("--fields", default="name,state,class,label,template,netvm")
     p.add_argument("--running", action="store_true")
     args = p.parse_args(argv)
     world = _world()
+    fields = [f.strip().lower() for f in args.fields.split(",")]
     for q in sorted(world.load_qubes().values(), key=lambda q: q.name):
         if args.running and not world.is_running(q.name):
             continue
         if args.raw_list:
             print(q.name)
-        else:
-            state = "Running" if world.is_running(q.name) else "Halted"
-            print(f"{q.name:<20} {state:<8} {q.klass:<12} {q.label:<8} {q.template or '-'}")
+            continue
+        values = {
+            "name": q.name,
+            "state": "Running" if world.is_running(q.name) else "Halted",
+            "class": q.klass,
+            "label": q.label,
+            "template": q.template or "-",
+            "netvm": q.netvm or "-",
+            "qid": str(q.qid),
+            "include_in_backups": str(q.include_in_backups),
+        }
+        row = [values.get(f, "-") for f in fields]
+        print("|".join(row) if args.raw_data else " ".join(f"{v:<16}" for v in row))
     return 0
 
 

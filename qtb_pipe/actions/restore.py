@@ -1,0 +1,141 @@
+"""`qtb-pipe restore` and `qtb-pipe verify`: the sealed manifest is fetched and verified first, then
+the stock qvm-backup-restore reads the stream from the adapter and the shim checks every chunk
+against the manifest before any plaintext reaches dom0's parsers."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+from scrypt_shim import shim
+
+from .. import qubes, shim_install
+from ..adapter import Adapter, check_snapshot_id
+from ..config import Config, load_records, load_secret, root, write_private
+from ..errors import EXIT_FAILED, EXIT_SHIM, EXIT_USAGE, EXIT_VERIFY, QtbError
+from ..runs import Run
+from ..ui import human_bytes, info
+
+
+def fetch_manifest(adapter: Adapter, snapshot_id: str, secret: str, quiet: bool) -> tuple[bytes, dict]:
+    """The snapshot's sealed manifest, verified with the secret and against dom0's record."""
+    adapter.find(snapshot_id)
+    sealed = adapter.manifest(snapshot_id)
+    try:
+        manifest = shim.verify_manifest(bytes.fromhex(secret), sealed)
+    except shim.ManifestError as e:
+        raise QtbError(f"snapshot {snapshot_id}: manifest rejected: {e}", EXIT_VERIFY) from None
+    record = load_records().get((adapter.engine, snapshot_id))
+    if record is None:
+        info(
+            f"warning: dom0 has no record of snapshot {snapshot_id} (a new system?); trusting its manifest, "
+            "which is sealed with your secret",
+            quiet,
+        )
+    elif (
+        hashlib.sha256(sealed).hexdigest() != record.manifest_sha256
+        or manifest["backup_id"] != record.backup_id
+    ):
+        raise QtbError(
+            f"snapshot {snapshot_id}: the backup qube served a manifest that is not the one dom0 "
+            "committed (another or an older backup); nothing was restored",
+            EXIT_VERIFY,
+        )
+    return sealed, manifest
+
+
+def _shim_failure(run: Run) -> str | None:
+    failed = [r for r in run.records() if r.op == "dec" and r.status != "ok"]
+    return f"{failed[0].path}: {failed[0].error[:300]}" if failed else None
+
+
+def run_restore(
+    cfg: Config, snapshot_id: str, names: list[str], options: list[str], verify_only: bool, as_json: bool
+) -> dict:
+    check_snapshot_id(snapshot_id)
+    secret = load_secret()
+    status = shim_install.shim_status(root())
+    on_path = shutil.which("scrypt")
+    if not status.installed or on_path is None or Path(on_path).resolve() != status.shim_path.resolve():
+        raise QtbError(
+            f"qvm-backup-restore would run {on_path or 'no scrypt'}, not the qtb-pipe shim at "
+            f"{status.shim_path} (run: qtb-pipe install-shim; check PATH)",
+            EXIT_SHIM,
+        )
+    adapter = Adapter(cfg.backup_qube, cfg.engine)
+    sealed, manifest = fetch_manifest(adapter, snapshot_id, secret, as_json)
+    paths: dict[str, str] = manifest.get("paths") or {}
+    unknown = [n for n in names if n not in manifest.get("qubes", [])]
+    if unknown:
+        raise QtbError(
+            f"not in snapshot {snapshot_id}: {', '.join(unknown)} "
+            f"(it has: {', '.join(manifest.get('qubes', []))})",
+            EXIT_USAGE,
+        )
+    run = Run()
+    passphrase_file = run.create(secret)
+    write_private(run.dir / "manifest.json", sealed)
+    try:
+        what = "verifying" if verify_only else "restoring"
+        info(
+            f"qtb-pipe: {what} snapshot {snapshot_id} ({cfg.engine}, backup {manifest['backup_id']})", as_json
+        )
+        opts = [*options, "--verify-only"] if verify_only else options
+        res = qubes.qvm_backup_restore(
+            cfg.backup_qube, adapter.dump_location(snapshot_id), str(passphrase_file), opts, names
+        )
+        if not as_json and res.stdout:
+            sys.stdout.write(res.stdout.decode(errors="replace"))
+        failure = _shim_failure(run)
+        if failure:
+            raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
+        if res.code != 0:
+            raise QtbError(
+                f"qvm-backup-restore failed: {qubes.one_line(res.stderr, 'no message')}", EXIT_FAILED
+            )
+        accepted = {r.path for r in run.records() if r.op == "dec" and r.status == "ok"}
+        wanted = _expected_paths(manifest, names, "--skip-dom0-home" in options)
+        missing = [c["path"] for c in manifest["chunks"] if c["path"] in wanted and c["path"] not in accepted]
+        if missing:
+            raise QtbError(
+                f"the backup qube did not serve {len(missing)} chunk(s) of the snapshot "
+                f"(first: {missing[0]}); the restore is incomplete",
+                EXIT_VERIFY,
+            )
+    finally:
+        run.remove()
+    report = _per_qube(manifest, accepted, paths)
+    return {
+        "snapshot": snapshot_id,
+        "engine": cfg.engine,
+        "backup_id": manifest["backup_id"],
+        "verified_only": verify_only,
+        "qubes": report,
+    }
+
+
+def _expected_paths(manifest: dict, names: list[str], skip_dom0_home: bool) -> set[str]:
+    paths: dict[str, str] = manifest.get("paths") or {}
+    chosen = names or list(paths)
+    prefixes = [paths[n] for n in chosen if n in paths and not (skip_dom0_home and n == "dom0")]
+    return {c["path"] for c in manifest["chunks"] if c["path"].startswith(tuple(prefixes))}
+
+
+def _per_qube(manifest: dict, accepted: set[str], paths: dict[str, str]) -> dict:
+    report = {}
+    for name, prefix in paths.items():
+        chunks = [c for c in manifest["chunks"] if c["path"].startswith(prefix)]
+        ok = [c for c in chunks if c["path"] in accepted]
+        report[name] = {"chunks": len(chunks), "verified": len(ok), "bytes": sum(c["size"] for c in ok)}
+    return report
+
+
+def print_report(result: dict) -> None:
+    verb = "verified" if result["verified_only"] else "restored"
+    for name, r in result["qubes"].items():
+        if r["verified"]:
+            print(f"  {name:<24} {r['verified']}/{r['chunks']} chunks {verb}, {human_bytes(r['bytes'])}")
+        else:
+            print(f"  {name:<24} not selected")

@@ -1,0 +1,185 @@
+"""dom0's view of `qtb-adapter` in the backup qube: command lines out, schema-checked JSON in.
+
+The backup qube is not trusted: every answer is size-bounded, parsed as JSON, and checked field
+by field (types, patterns, ranges) before dom0 uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from . import qubes
+from .errors import EXIT_FAILED, EXIT_QUBE, EXIT_SNAPSHOT, QtbError
+
+SNAPSHOT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
+BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9]{1,10}$")
+MEMBER_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+MAX_MANIFEST = 16 * 1024 * 1024
+MAX_JSON = 8 * 1024 * 1024
+# Adapter exit codes (docs/design.md) → what the user should do.
+ADAPTER_EXIT = {
+    3: ("the backup qube's repository is not initialised: run `qtb-adapter init` there", EXIT_QUBE),
+    4: ("unknown or pending snapshot", EXIT_SNAPSHOT),
+    5: ("the engine password in the backup qube is wrong", EXIT_QUBE),
+    6: ("the repository is locked by another run; retry later", EXIT_QUBE),
+    8: ("the engine in the backup qube is missing or too old", EXIT_QUBE),
+    9: ("the backup qube's repository ran out of space", EXIT_FAILED),
+    126: ("qtb-adapter is not executable in the backup qube", EXIT_QUBE),
+    127: ("qtb-adapter is not installed in the backup qube (see README: install on Qubes)", EXIT_QUBE),
+}
+
+
+def check_snapshot_id(value: str) -> str:
+    if not isinstance(value, str) or not SNAPSHOT_ID_RE.match(value):
+        raise QtbError(f"not a snapshot id: {str(value)[:80]!r}", 2)
+    return value
+
+
+def _field(obj: dict, key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    if key not in obj or obj[key] is None:
+        if optional:
+            return None
+        raise QtbError(f"backup qube sent malformed data: missing {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise QtbError(f"backup qube sent malformed data: {key!r} has the wrong type")
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 1 << 62:
+        raise QtbError(f"backup qube sent malformed data: {key!r} out of range")
+    return value
+
+
+@dataclass
+class Snapshot:
+    id: str
+    state: str
+    time: str
+    backup_id: str | None
+    qubes: list[str]
+    stream_bytes: int | None
+    added_bytes: int | None
+
+
+@dataclass
+class Member:
+    name: str
+    size: int
+
+
+class Adapter:
+    def __init__(self, qube: str, engine: str) -> None:
+        self.qube, self.engine = qube, engine
+
+    def _call(self, *args: str, input: bytes | None = None, limit: int = MAX_JSON) -> bytes:
+        res = qubes.run_in_qube(self.qube, ["qtb-adapter", *args], input=input, stdout_limit=limit)
+        if res.code != 0:
+            detail = qubes.one_line(res.stderr, "no error message")
+            hint, code = ADAPTER_EXIT.get(res.code, (None, EXIT_FAILED))
+            if b"is not running" in res.stderr and res.code == 1 and not res.stdout:
+                raise QtbError(
+                    f"backup qube '{self.qube}' is not running: start it (qvm-start {self.qube})", EXIT_QUBE
+                )
+            raise QtbError(
+                f"qtb-adapter {args[0]} in '{self.qube}' failed: {detail}" + (f" ({hint})" if hint else ""),
+                code,
+            )
+        return res.stdout
+
+    def _json(self, *args: str, input: bytes | None = None) -> Any:
+        raw = self._call(*args, "--json", input=input)
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise QtbError(f"backup qube sent invalid JSON for `qtb-adapter {args[0]}`") from None
+
+    def location(self, *args: str) -> str:
+        """A location string for qvm-backup / qvm-backup-restore (eval'd by the qrexec service)."""
+        return " ".join(["qtb-adapter", *args, "--engine", self.engine])
+
+    def store_location(self, run_id: str) -> str:
+        return self.location("store", "--run", run_id)
+
+    def dump_location(self, snapshot_id: str) -> str:
+        return self.location("dump", check_snapshot_id(snapshot_id))
+
+    def snapshots(self) -> list[Snapshot]:
+        data = self._json("list", "--engine", self.engine)
+        items = data.get("snapshots") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
+        out = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
+            qubes_list = _field(item, "qubes", list, optional=True) or []
+            out.append(
+                Snapshot(
+                    id=check_snapshot_id(_field(item, "id", str)),
+                    state=_field(item, "state", str),
+                    time=_field(item, "time", str)[:40],
+                    backup_id=_field(item, "backup_id", str, optional=True),
+                    qubes=[str(q)[:32] for q in qubes_list][:1000],
+                    stream_bytes=_field(item, "stream_bytes", int, optional=True),
+                    added_bytes=_field(item, "added_bytes", int, optional=True),
+                )
+            )
+        return out
+
+    def find(self, snapshot_id: str) -> Snapshot:
+        for snap in self.snapshots():
+            if snap.id == snapshot_id:
+                if snap.state != "complete":
+                    raise QtbError(
+                        f"snapshot {snapshot_id} is {snap.state}, not complete: it cannot be restored",
+                        EXIT_SNAPSHOT,
+                    )
+                return snap
+        raise QtbError(
+            f"no snapshot {snapshot_id} in the {self.engine} repository: see `qtb-pipe list`", EXIT_SNAPSHOT
+        )
+
+    def pending_members(self, run_id: str) -> list[Member]:
+        data = self._json("pending", "--run", run_id, "--engine", self.engine)
+        if not isinstance(data, dict) or not isinstance(data.get("members"), list):
+            raise QtbError("backup qube sent malformed data for `qtb-adapter pending`")
+        members = []
+        for m in data["members"]:
+            if not isinstance(m, dict):
+                raise QtbError("backup qube sent malformed data for `qtb-adapter pending`")
+            name = _field(m, "name", str)
+            if not MEMBER_RE.match(name):
+                raise QtbError("backup qube reported a member with an invalid name")
+            members.append(Member(name, _field(m, "size", int)))
+        return members
+
+    def commit(self, run_id: str, sealed_manifest: bytes) -> dict:
+        data = self._json("commit", "--run", run_id, "--engine", self.engine, input=sealed_manifest)
+        if not isinstance(data, dict):
+            raise QtbError("backup qube sent malformed data for `qtb-adapter commit`")
+        check_snapshot_id(_field(data, "id", str))
+        return data
+
+    def manifest(self, snapshot_id: str) -> bytes:
+        return self._call(
+            "manifest", check_snapshot_id(snapshot_id), "--engine", self.engine, limit=MAX_MANIFEST
+        )
+
+    def drop_pending(self, run_id: str | None = None) -> None:
+        args = ["drop-pending", "--engine", self.engine] + (["--run", run_id] if run_id else [])
+        self._call(*args)
+
+    def prune(self, retention: dict[str, int], dry_run: bool = False) -> Any:
+        args = ["prune", "--engine", self.engine]
+        for key, value in retention.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        if dry_run:
+            args.append("--dry-run")
+        return self._json(*args)
+
+    def check(self, read_data_subset: str | None = None) -> Any:
+        args = ["check", "--engine", self.engine]
+        if read_data_subset:
+            args += ["--read-data-subset", read_data_subset]
+        return self._json(*args)

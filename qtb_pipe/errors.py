@@ -1,0 +1,20 @@
+"""Errors and exit codes of `qtb-pipe` (documented in docs/commands.md)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation failed (qvm-backup, qvm-backup-restore, an engine)
+EXIT_USAGE = 2  # bad command line or arguments
+EXIT_CONFIG = 3  # missing or invalid configuration / secret: run `qtb-pipe init`
+EXIT_SNAPSHOT = 4  # unknown or pending snapshot
+EXIT_VERIFY = 5  # data failed authentication: tampered, wrong secret, not from this backup
+EXIT_QUBE = 6  # backup qube missing / not running / adapter missing or repository not ready
+EXIT_SHIM = 7  # the scrypt shim is not installed or not active
+
+
+class QtbError(Exception):
+    """A failure reported as one line on stderr and an exit code; never a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code

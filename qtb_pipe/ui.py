@@ -1,0 +1,68 @@
+"""Terminal output: human sizes, a progress line (percent, rate, ETA), --json printing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent when stderr is not a terminal or --json."""
+
+    def __init__(self, label: str, enabled: bool, total_bytes: int | None = None) -> None:
+        self.label, self.total = label, total_bytes
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+
+    def update(self, percent: float) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last_draw < 0.2 and percent < 100:
+            return
+        self.last_draw = now
+        elapsed = now - self.start
+        parts = [f"{self.label}: {percent:5.1f}%"]
+        if self.total and elapsed > 0:
+            parts.append(f"{human_bytes(self.total * percent / 100 / elapsed)}/s")
+        if 0 < percent < 100:
+            parts.append(f"ETA {human_duration(elapsed * (100 - percent) / percent)}")
+        sys.stderr.write("\r" + "  ".join(parts) + "\x1b[K")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def info(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
