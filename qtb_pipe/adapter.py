@@ -69,11 +69,11 @@ class Member:
 
 
 class Adapter:
-    def __init__(self, qube: str, engine: str) -> None:
-        self.qube, self.engine = qube, engine
+    def __init__(self, qube: str, engine: str, command: str = "qtb-adapter") -> None:
+        self.qube, self.engine, self.command = qube, engine, command
 
     def _call(self, *args: str, input: bytes | None = None, limit: int = MAX_JSON) -> bytes:
-        res = qubes.run_in_qube(self.qube, ["qtb-adapter", *args], input=input, stdout_limit=limit)
+        res = qubes.run_in_qube(self.qube, [self.command, *args], input=input, stdout_limit=limit)
         if res.code != 0:
             detail = qubes.one_line(res.stderr, "no error message")
             hint, code = ADAPTER_EXIT.get(res.code, (None, EXIT_FAILED))
@@ -96,7 +96,7 @@ class Adapter:
 
     def location(self, *args: str) -> str:
         """A location string for qvm-backup / qvm-backup-restore (eval'd by the qrexec service)."""
-        return " ".join(["qtb-adapter", *args, "--engine", self.engine])
+        return " ".join([self.command, *args, "--engine", self.engine])
 
     def store_location(self, run_id: str) -> str:
         return self.location("store", "--run", run_id)

@@ -45,6 +45,8 @@ class Config:
     include: list[str] = field(default_factory=list)  # empty: every qube with include_in_backups
     exclude: list[str] = field(default_factory=list)
     start_backup_qube: bool = True
+    # how the backup qube's qrexec services find the adapter (a full path if it is not on their PATH)
+    adapter_command: str = "qtb-adapter"
     retention: dict[str, int] = field(
         default_factory=lambda: {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 6}
     )
@@ -54,6 +56,8 @@ class Config:
             raise QtbError(f"config: backup_qube {self.backup_qube!r} is not a qube name", EXIT_CONFIG)
         if self.engine not in ENGINES:
             raise QtbError(f"config: engine must be one of {', '.join(ENGINES)}", EXIT_CONFIG)
+        if not re.match(r"^[A-Za-z0-9_./-]{1,200}$", self.adapter_command):
+            raise QtbError("config: adapter_command must be a plain command name or path", EXIT_CONFIG)
         for name in self.include + self.exclude:
             if not QUBE_NAME_RE.match(name):
                 raise QtbError(f"config: {name!r} is not a qube name", EXIT_CONFIG)
@@ -74,6 +78,8 @@ class Config:
             f"exclude = [{', '.join(q(n) for n in self.exclude)}]",
             "# start the backup qube if it is not running",
             f"start_backup_qube = {'true' if self.start_backup_qube else 'false'}",
+            "# the adapter in the backup qube (a full path if it is not on the qrexec services' PATH)",
+            f"adapter_command = {q(self.adapter_command)}",
             "",
             "[retention]",
             *(f"{k} = {v}" for k, v in self.retention.items()),

@@ -107,7 +107,7 @@ def run_backup(cfg: Config, names: list[str], exclude: list[str], as_json: bool)
     selection = select_qubes(cfg, all_qubes, names, exclude)
     if not selection.included:
         raise QtbError("nothing to back up: every qube is left out (see qtb-pipe config check)", EXIT_USAGE)
-    adapter = Adapter(cfg.backup_qube, cfg.engine)
+    adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     adapter.snapshots()  # preflight: adapter present, repository ready, password right
     cleanup_stale_runs()
 

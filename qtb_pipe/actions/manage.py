@@ -10,7 +10,7 @@ from ..ui import human_bytes
 
 
 def run_list(cfg: Config) -> list[dict]:
-    adapter = Adapter(cfg.backup_qube, cfg.engine)
+    adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     records = load_records()
     rows = []
     for snap in adapter.snapshots():
@@ -55,7 +55,7 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
         raise QtbError(
             f"no retention rule: set one of {', '.join(RETENTION_KEYS)} in the config or as flags", EXIT_USAGE
         )
-    adapter = Adapter(cfg.backup_qube, cfg.engine)
+    adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     before = {s.id for s in adapter.snapshots() if s.state == "complete"}
     result = adapter.prune(retention, dry_run)
     if not dry_run:
@@ -74,5 +74,5 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
 
 
 def run_check(cfg: Config, read_data_subset: str | None) -> dict:
-    result = Adapter(cfg.backup_qube, cfg.engine).check(read_data_subset)
+    result = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).check(read_data_subset)
     return {"engine": cfg.engine, "ok": True, "adapter": result}

@@ -64,7 +64,7 @@ def run_restore(
             f"{status.shim_path} (run: qtb-pipe install-shim; check PATH)",
             EXIT_SHIM,
         )
-    adapter = Adapter(cfg.backup_qube, cfg.engine)
+    adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     sealed, manifest = fetch_manifest(adapter, snapshot_id, secret, as_json)
     paths: dict[str, str] = manifest.get("paths") or {}
     unknown = [n for n in names if n not in manifest.get("qubes", [])]
