@@ -117,7 +117,9 @@ def cmd_restore(args: argparse.Namespace, verify_only: bool = False) -> dict:
         for o in ("rename-conflicting", "skip-conflicting", "skip-dom0-home", "paranoid-mode")
         if getattr(args, o.replace("-", "_"), False)
     ]
-    result = run_restore(_config(args), args.snapshot, args.qubes, options, verify_only, args.json)
+    result = run_restore(
+        _config(args), args.snapshot, args.qubes, options, verify_only, args.json, args.single_pass
+    )
     if not args.json:
         print_report(result)
     return result
@@ -262,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="passed to qvm-backup-restore; needs the shim in the management DispVM's template",
         )
         s.add_argument("--verify-only", action="store_true", help="check everything, restore nothing")
+        s.add_argument(
+            "--single-pass",
+            action="store_true",
+            help="skip the verify-only first pass (faster; a bad chunk then stops the restore midway, "
+            "after qubes were created, but still before its data is parsed)",
+        )
 
     s = add(
         "verify", cmd_verify, "test-restore a snapshot (--verify-only through the whole pipe) + engine check"

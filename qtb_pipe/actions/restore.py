@@ -51,8 +51,53 @@ def _shim_failure(run: Run) -> str | None:
     return f"{failed[0].path}: {failed[0].error[:300]}" if failed else None
 
 
+def _restore_pass(
+    cfg: Config,
+    location: str,
+    secret: str,
+    sealed: bytes,
+    manifest: dict,
+    names: list[str],
+    options: list[str],
+    as_json: bool,
+) -> set[str]:
+    """One stock qvm-backup-restore run with its own run directory; returns the accepted chunks."""
+    run = Run()
+    passphrase_file = run.create(secret)
+    write_private(run.dir / "manifest.json", sealed)
+    try:
+        res = qubes.qvm_backup_restore(cfg.backup_qube, location, str(passphrase_file), options, names)
+        if not as_json and res.stdout:
+            sys.stdout.write(res.stdout.decode(errors="replace"))
+        failure = _shim_failure(run)
+        if failure:
+            raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
+        if res.code != 0:
+            raise QtbError(
+                f"qvm-backup-restore failed: {qubes.one_line(res.stderr, 'no message')}", EXIT_FAILED
+            )
+        accepted = {r.path for r in run.records() if r.op == "dec" and r.status == "ok"}
+        wanted = _expected_paths(manifest, names, "--skip-dom0-home" in options)
+        missing = [c["path"] for c in manifest["chunks"] if c["path"] in wanted and c["path"] not in accepted]
+        if missing:
+            raise QtbError(
+                f"the backup qube did not serve {len(missing)} chunk(s) of the snapshot "
+                f"(first: {missing[0]}); the restore is incomplete",
+                EXIT_VERIFY,
+            )
+        return accepted
+    finally:
+        run.remove()
+
+
 def run_restore(
-    cfg: Config, snapshot_id: str, names: list[str], options: list[str], verify_only: bool, as_json: bool
+    cfg: Config,
+    snapshot_id: str,
+    names: list[str],
+    options: list[str],
+    verify_only: bool,
+    as_json: bool,
+    single_pass: bool = False,
 ) -> dict:
     check_snapshot_id(snapshot_id)
     secret = load_secret()
@@ -74,38 +119,22 @@ def run_restore(
             f"(it has: {', '.join(manifest.get('qubes', []))})",
             EXIT_USAGE,
         )
-    run = Run()
-    passphrase_file = run.create(secret)
-    write_private(run.dir / "manifest.json", sealed)
-    try:
+    location = adapter.dump_location(snapshot_id)
+    if not verify_only and not single_pass:
+        # A first, verify-only pass: a backup qube that serves bad data is refused before
+        # qvm-backup-restore creates any qube (the real pass re-checks everything anyway).
+        info("qtb-pipe: pass 1/2, verifying every chunk before anything is restored", as_json)
+        _restore_pass(
+            cfg, location, secret, sealed, manifest, names, [*options, "--verify-only"], as_json=True
+        )
+        info("qtb-pipe: pass 2/2, restoring", as_json)
+    else:
         what = "verifying" if verify_only else "restoring"
         info(
             f"qtb-pipe: {what} snapshot {snapshot_id} ({cfg.engine}, backup {manifest['backup_id']})", as_json
         )
-        opts = [*options, "--verify-only"] if verify_only else options
-        res = qubes.qvm_backup_restore(
-            cfg.backup_qube, adapter.dump_location(snapshot_id), str(passphrase_file), opts, names
-        )
-        if not as_json and res.stdout:
-            sys.stdout.write(res.stdout.decode(errors="replace"))
-        failure = _shim_failure(run)
-        if failure:
-            raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
-        if res.code != 0:
-            raise QtbError(
-                f"qvm-backup-restore failed: {qubes.one_line(res.stderr, 'no message')}", EXIT_FAILED
-            )
-        accepted = {r.path for r in run.records() if r.op == "dec" and r.status == "ok"}
-        wanted = _expected_paths(manifest, names, "--skip-dom0-home" in options)
-        missing = [c["path"] for c in manifest["chunks"] if c["path"] in wanted and c["path"] not in accepted]
-        if missing:
-            raise QtbError(
-                f"the backup qube did not serve {len(missing)} chunk(s) of the snapshot "
-                f"(first: {missing[0]}); the restore is incomplete",
-                EXIT_VERIFY,
-            )
-    finally:
-        run.remove()
+    opts = [*options, "--verify-only"] if verify_only else options
+    accepted = _restore_pass(cfg, location, secret, sealed, manifest, names, opts, as_json)
     report = _per_qube(manifest, accepted, paths)
     return {
         "snapshot": snapshot_id,

@@ -1,0 +1,81 @@
+"""A compromised backup qube: stands in front of the real qtb-adapter and alters what it serves.
+
+Installed by tests as `usr/local/bin/qtb-adapter` in the emulated backup qube (ahead of the real one
+on the qube's PATH). ~/attack.json says what to do:
+  {"flip": "MEMBER"}                     flip one byte in MEMBER's data
+  {"drop": "MEMBER"}                     leave MEMBER out of the stream
+  {"drop_last_of": "FILE"}               leave out the last chunk of FILE (e.g. vm1/root.img)
+  {"swap": "MEMBER", "from": SNAPSHOT}   serve MEMBER as stored in another snapshot
+  {"serve": SNAPSHOT}                    serve another snapshot's stream for any dump
+  {"serve": SNAPSHOT, "manifest": true}  ... and its manifest too
+Everything else is passed to the real adapter unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REAL = Path(os.environ["HOME"]).parent.parent / "usr/bin/qtb-adapter"
+
+
+def real(*args: str) -> bytes:
+    return subprocess.run([str(REAL), *args], check=True, capture_output=True).stdout
+
+
+def members(stream: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(stream), mode="r:", ignore_zeros=True) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def serialise(items: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    out = io.BytesIO()
+    for info, data in items:  # one archive per member, as qubesd sends them
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        out.write(buf.getvalue())
+    return out.getvalue()
+
+
+def main(argv: list[str]) -> int:
+    attack = json.loads((Path(os.environ["HOME"]) / "attack.json").read_text())
+    command = argv[0] if argv else ""
+    rest = argv[1:]
+    if command == "manifest" and attack.get("manifest") and "serve" in attack:
+        sys.stdout.buffer.write(real("manifest", attack["serve"], *rest[1:]))
+        return 0
+    if command != "dump":
+        os.execv(str(REAL), [str(REAL), *argv])
+    snapshot = attack.get("serve", rest[0])
+    items = members(real("dump", snapshot, *rest[1:]))
+    if "flip" in attack:
+        for info, data in items:
+            if info.name == attack["flip"]:
+                changed = bytearray(data)
+                changed[len(changed) // 2] ^= 0x01
+                items[items.index((info, data))] = (info, bytes(changed))
+    if "drop" in attack:
+        items = [(i, d) for i, d in items if i.name != attack["drop"]]
+    if "drop_last_of" in attack:
+        chunks = [i.name for i, _ in items if i.name.startswith(attack["drop_last_of"] + ".")]
+        items = [(i, d) for i, d in items if i.name != max(chunks)]
+    if "swap" in attack:
+        older = dict((i.name, (i, d)) for i, d in members(real("dump", attack["from"], *rest[1:])))
+        items = [older[i.name] if i.name == attack["swap"] else (i, d) for i, d in items]
+    try:
+        sys.stdout.buffer.write(serialise(items))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
