@@ -1,0 +1,1042 @@
+#!/usr/bin/python3
+"""qtb-pipe's `scrypt` shim: authenticated pass-through for Qubes backups, real scrypt for all else.
+
+Installed as `scrypt` ahead of the real one on qubesd's PATH (usually /usr/local/bin/scrypt), it
+accepts scrypt 1.3.1's command line and passphrase dialogue byte for byte. The passphrase decides:
+
+* A qtb-pipe passphrase (`backup-header!qtb1:<token>:<secret>` or
+  `<backup_id>!<path>!qtb1:<token>:<secret>`, see docs/design.md) selects qtb mode. `enc` copies the
+  data unchanged and appends a 56-byte trailer with an HMAC tag binding secret, path and data, then
+  records the file in the run directory. `dec` verifies the trailer (and, when the driver left a
+  sealed manifest in the run directory, that the file belongs to this backup and arrives in order)
+  before a single plaintext byte reaches the output path.
+* Anything else, and `dec` of a file written by the real scrypt, goes to the real scrypt
+  (REAL_SCRYPT) with the same arguments; a passphrase the shim had to read already is handed over on
+  a pipe so that the caller sees one prompt sequence only.
+
+Standard library only and self-contained: it is copied alone into dom0 (and into the management
+DispVM's template for paranoid-mode restores). The driver imports the key, tag and manifest
+functions from here (`from scrypt_shim import shim`) so they exist exactly once.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import json
+import mmap
+import os
+import re
+import stat
+import struct
+import sys
+import tempfile
+import termios
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+# Rewritten by `qtb-pipe install-shim` (qtb_pipe/shim_install.py); each must stay on one line.
+# INSTALLED_DIRS: the directories that installation had to create, removed again by uninstall-shim.
+REAL_SCRYPT = "/usr/bin/scrypt"
+STATE_DIR = "/var/lib/qtb-pipe"
+INSTALLED_DIRS: list[str] = []
+
+SHIM_MARKER = "qtb-pipe scrypt shim"  # shim_install recognises its own file by this line
+SHIM_VERSION = "1"
+
+TRAILER_MAGIC = b"QTBPIPE1"
+TRAILER_SIZE = 56  # magic (8) + kcv (8) + data length u64be (8) + tag (32)
+SCRYPT_MAGIC = b"scrypt"  # first bytes of every file the real scrypt writes
+HEADER_PATH = "backup-header"
+MANIFEST_FORMAT = "qtb-pipe-manifest-1"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024  # a Qubes backup-header is a few hundred bytes
+MAXPASSLEN = 2048  # scrypt reads a passphrase line with fgets(buf, 2048): at most 2047 bytes
+COPY_BUFFER_BYTES = 1024 * 1024
+
+PROMPT = "Please enter passphrase"
+CONFIRM_PROMPT = "Please confirm passphrase"
+USER_PART_RE = re.compile(r"qtb1:([0-9a-f]{32}):([0-9a-f]{64})")
+BACKUP_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}-[0-9]+")
+CHUNK_RE = re.compile(r"(?P<file>.+)\.(?P<index>[0-9]{3,})")
+HEX_TAG_RE = re.compile(r"[0-9a-f]{64}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ShimError(Exception):
+    """Base class: something the shim refuses to do, with a one-line reason."""
+
+
+class QtbPassphraseError(ShimError):
+    """The passphrase ends in a qtb-pipe user part but the Qubes prefix around it is malformed."""
+
+
+class VerificationError(ShimError):
+    """Data, trailer or manifest failed a check; the message is the reason shown to the user."""
+
+
+class ManifestError(VerificationError):
+    """The sealed manifest is malformed, too large or its seal does not verify."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keys, passphrase, tags, trailer, manifest: the functions the driver imports
+
+
+@dataclass(frozen=True)
+class Keys:
+    chunk_key: bytes
+    manifest_key: bytes
+    kcv: bytes  # key check value: lets dec say "wrong key" instead of "tampered"
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def derive_keys(secret: bytes) -> Keys:
+    """Derive the per-purpose keys from the 32-byte dom0 secret (design.md, "Keys")."""
+    chunk_key = _hmac(secret, b"qtb-pipe v1 chunk")
+    return Keys(
+        chunk_key=chunk_key,
+        manifest_key=_hmac(secret, b"qtb-pipe v1 manifest"),
+        kcv=_hmac(chunk_key, b"qtb-pipe v1 kcv")[:8],
+    )
+
+
+@dataclass(frozen=True)
+class QtbPassphrase:
+    """What Qubes' per-file passphrase `<prefix>!qtb1:<token>:<secret>` tells the shim."""
+
+    path: str  # e.g. "backup-header", "qubes.xml.000", "vm12/private.img.003"
+    backup_id: str | None  # None for the header (its backup_id is inside the header itself)
+    token: str  # 32 lowercase hex digits: names the run directory
+    secret: bytes  # 32 bytes
+
+
+def make_user_passphrase(token: str, secret: bytes) -> str:
+    """The passphrase the driver hands to qvm-backup / qvm-backup-restore for one run."""
+    passphrase = f"qtb1:{token}:{secret.hex()}"
+    if not USER_PART_RE.fullmatch(passphrase):
+        raise ValueError("token must be 32 lowercase hex digits and the secret 32 bytes")
+    return passphrase
+
+
+def parse_qtb_passphrase(passphrase: bytes | str) -> QtbPassphrase | None:
+    """Return the qtb-pipe parts of a per-file passphrase, or None if it is not a qtb-pipe one.
+
+    Qubes builds `backup-header!<P>` or `<backup_id>!<path>!<P>`; P is qtb-pipe's iff the text after
+    the last `!` is exactly `qtb1:<32 hex>:<64 hex>` (lowercase, as the driver writes it). Such a
+    passphrase with a malformed prefix raises QtbPassphraseError rather than silently going to the
+    real scrypt, which would produce an unrecorded backup.
+    """
+    if isinstance(passphrase, bytes):
+        passphrase = passphrase.decode("utf-8", "surrogateescape")  # undecodable bytes fail below
+    prefix, bang, user_part = passphrase.rpartition("!")
+    match = USER_PART_RE.fullmatch(user_part)
+    if match is None:
+        return None
+    token, secret_hex = match.groups()
+    secret = bytes.fromhex(secret_hex)
+    try:
+        prefix.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QtbPassphraseError("qtb-pipe passphrase whose Qubes file prefix is not UTF-8") from None
+    if not bang:
+        raise QtbPassphraseError("qtb-pipe passphrase without the Qubes file prefix (<backup_id>!<path>!)")
+    if prefix == HEADER_PATH:
+        return QtbPassphrase(HEADER_PATH, None, token, secret)
+    backup_id, _, path = prefix.partition("!")
+    if not BACKUP_ID_RE.fullmatch(backup_id):
+        raise QtbPassphraseError(f"qtb-pipe passphrase with a malformed backup id {backup_id!r}")
+    if not _is_safe_member_path(path):
+        raise QtbPassphraseError(f"qtb-pipe passphrase with a malformed file path {path!r}")
+    return QtbPassphrase(path, backup_id, token, secret)
+
+
+def _is_safe_member_path(path: str) -> bool:
+    parts = path.split("/")
+    return (
+        bool(path)
+        and "\0" not in path
+        and not path.startswith("/")
+        and all(part not in ("", ".", "..") for part in parts)
+    )
+
+
+class TagHasher:
+    """Incremental tag = HMAC-SHA256(chunk_key, "qtb-pipe v1 tag\\0" + path + "\\0" + data + u64be(len))."""
+
+    def __init__(self, chunk_key: bytes, path: str) -> None:
+        self._mac = hmac.new(chunk_key, b"qtb-pipe v1 tag\0" + path.encode("utf-8") + b"\0", hashlib.sha256)
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._mac.update(data)
+        self.size += len(data)
+
+    def finish(self) -> bytes:
+        self._mac.update(struct.pack(">Q", self.size))
+        return self._mac.digest()
+
+
+def compute_tag(chunk_key: bytes, path: str, data: bytes) -> bytes:
+    """The tag of one whole file's data (see TagHasher for the streaming form)."""
+    hasher = TagHasher(chunk_key, path)
+    hasher.update(data)
+    return hasher.finish()
+
+
+@dataclass(frozen=True)
+class Trailer:
+    kcv: bytes
+    size: int
+    tag: bytes
+
+
+def make_trailer(keys: Keys, size: int, tag: bytes) -> bytes:
+    return TRAILER_MAGIC + keys.kcv + struct.pack(">Q", size) + tag
+
+
+def parse_trailer(raw: bytes) -> Trailer | None:
+    """Split 56 trailer bytes; None when they do not start with the trailer magic."""
+    if len(raw) != TRAILER_SIZE or not raw.startswith(TRAILER_MAGIC):
+        return None
+    (size,) = struct.unpack(">Q", raw[16:24])
+    return Trailer(kcv=raw[8:16], size=size, tag=raw[24:56])
+
+
+def seal_chunk(secret: bytes, path: str, data: bytes) -> bytes:
+    """What a qtb-pipe `enc` writes for `data` at `path`: the data, then the trailer."""
+    keys = derive_keys(secret)
+    return data + make_trailer(keys, len(data), compute_tag(keys.chunk_key, path, data))
+
+
+def open_chunk(secret: bytes, path: str, blob: bytes) -> bytes:
+    """Check one shim output on its own (kcv, size, tag) and return its data; raise VerificationError."""
+    keys = derive_keys(secret)
+    trailer = parse_trailer(blob[-TRAILER_SIZE:])
+    if trailer is None:
+        raise VerificationError("no qtb-pipe trailer at the end: truncated, or not a qtb-pipe file")
+    data = blob[:-TRAILER_SIZE]
+    _check_trailer(keys, trailer, len(data))
+    if not hmac.compare_digest(compute_tag(keys.chunk_key, path, data), trailer.tag):
+        raise VerificationError("tampered or not this file's path (tag mismatch)")
+    return data
+
+
+def _check_trailer(keys: Keys, trailer: Trailer, data_size: int) -> None:
+    if not hmac.compare_digest(trailer.kcv, keys.kcv):
+        raise VerificationError("wrong key (written with another qtb-pipe secret)")
+    if trailer.size > data_size:
+        raise VerificationError(f"truncated ({data_size} data bytes, trailer says {trailer.size})")
+    if trailer.size < data_size:
+        raise VerificationError(f"appended data ({data_size} data bytes, trailer says {trailer.size})")
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def seal_manifest(secret: bytes, manifest: dict[str, Any]) -> bytes:
+    """Serialise `{"manifest": manifest, "seal": hex HMAC(manifest_key, canonical(manifest))}`."""
+    seal = _hmac(derive_keys(secret).manifest_key, canonical_json(manifest)).hex()
+    return canonical_json({"manifest": manifest, "seal": seal})
+
+
+def verify_manifest(secret: bytes, data: bytes) -> dict[str, Any]:
+    """Check a sealed manifest's size, seal and shape; return its body. Raises ManifestError."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        sealed = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest is not JSON ({exc})") from None
+    if not isinstance(sealed, dict) or set(sealed) != {"manifest", "seal"}:
+        raise ManifestError("manifest is not a {manifest, seal} object")
+    body, seal = sealed["manifest"], sealed["seal"]
+    if not isinstance(seal, str) or not HEX_TAG_RE.fullmatch(seal):
+        raise ManifestError("manifest seal is not 64 hex digits")
+    expected = _hmac(derive_keys(secret).manifest_key, canonical_json(body)).hex()
+    if not hmac.compare_digest(seal, expected):
+        raise ManifestError("manifest seal does not verify (forged, or sealed with another secret)")
+    _check_manifest_shape(body)
+    return body
+
+
+def _check_manifest_shape(body: Any) -> None:
+    # A valid seal means the driver wrote it; the shape check guards against driver bugs only.
+    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"manifest format is not {MANIFEST_FORMAT}")
+    if not isinstance(body.get("backup_id"), str) or not isinstance(body.get("chunks"), list):
+        raise ManifestError("manifest lacks backup_id or chunks")
+    for chunk in body["chunks"]:
+        if not (
+            isinstance(chunk, dict)
+            and isinstance(chunk.get("path"), str)
+            and type(chunk.get("size")) is int
+            and chunk["size"] >= 0
+            and isinstance(chunk.get("tag"), str)
+            and HEX_TAG_RE.fullmatch(chunk["tag"])
+        ):
+            raise ManifestError(f"malformed manifest chunk entry {chunk!r:.200}")
+
+
+def split_chunk_path(path: str) -> tuple[str, int | None]:
+    """`vm12/private.img.003` -> ("vm12/private.img", 3); paths without a chunk number -> (path, None)."""
+    match = CHUNK_RE.fullmatch(path)
+    if match is None:
+        return path, None
+    return match["file"], int(match["index"])
+
+
+def header_backup_id(header: bytes) -> str | None:
+    """The value of the `backup-id=` line of a Qubes backup-header, if any."""
+    for line in header.splitlines():
+        key, sep, value = line.partition(b"=")
+        if sep and key == b"backup-id":
+            return value.decode("ascii", "replace")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# scrypt 1.3.1's command line
+
+
+class CommandLineNotHandled(Exception):
+    """Anything the shim does not parse exactly like scrypt: the real scrypt gets the untouched argv."""
+
+
+@dataclass
+class Invocation:
+    mode: str  # "enc" or "dec"
+    options: list[str]  # normalised options except the passphrase choice, e.g. ["-f", "-t", "0.1"]
+    passphrase_method: str  # tty-stdin | stdin-once | tty-once | env | file
+    passphrase_arg: str
+    infile: str  # "-" = stdin
+    outfile: str | None  # None = stdout (scrypt 1.3.1 takes a literal "-" here as a file name)
+
+
+FLAG_OPTIONS = {"-f", "-v", "-P"}
+VALUE_OPTIONS = {"-M", "-m", "-p", "-r", "-t"}
+LONG_VALUE_OPTIONS = {"--logN", "--passphrase"}
+DECIMAL_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def parse_command_line(args: list[str]) -> Invocation:
+    """Parse `enc|dec [options] infile [outfile]` like scrypt's getopt (combined flags, -t0.1, --opt=v).
+
+    Anything unusual raises CommandLineNotHandled; the caller then runs the real scrypt before reading
+    anything, so its own error messages and exit codes reach the user unchanged.
+    """
+    if not args or args[0] not in ("enc", "dec"):
+        raise CommandLineNotHandled
+    parsed: list[tuple[str, str | None]] = []
+    position = 1
+    while position < len(args):
+        arg = args[position]
+        if arg == "--":
+            position += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        position += 1
+        if arg.startswith("--"):
+            name, has_value, value = arg.partition("=")
+            if name not in LONG_VALUE_OPTIONS:
+                raise CommandLineNotHandled
+            if not has_value:
+                if position >= len(args):
+                    raise CommandLineNotHandled
+                value, position = args[position], position + 1
+            parsed.append((name, value))
+            continue
+        letters = arg[1:]
+        while letters:
+            name, letters = "-" + letters[0], letters[1:]
+            if name in FLAG_OPTIONS:
+                parsed.append((name, None))
+            elif name in VALUE_OPTIONS:
+                if not letters:
+                    if position >= len(args):
+                        raise CommandLineNotHandled
+                    letters, position = args[position], position + 1
+                parsed.append((name, letters))
+                letters = ""
+            else:
+                raise CommandLineNotHandled
+    operands = args[position:]
+    if len(operands) not in (1, 2):
+        raise CommandLineNotHandled
+    return _build_invocation(args[0], parsed, operands)
+
+
+def _build_invocation(mode: str, parsed: list[tuple[str, str | None]], operands: list[str]) -> Invocation:
+    options: list[str] = []
+    method, method_arg = "", ""
+    work_parameters = set()
+    for name, value in parsed:
+        if name in ("-P", "--passphrase"):
+            if method:
+                raise CommandLineNotHandled  # "You can only enter one --passphrase or -P argument"
+            method, method_arg = ("stdin-once", "") if name == "-P" else _parse_passphrase_method(value or "")
+            continue
+        if value is not None and not _option_value_ok(name, value):
+            raise CommandLineNotHandled
+        if name in ("--logN", "-r", "-p"):
+            work_parameters.add(name)
+        options += [name] if value is None else [name, value]
+    if work_parameters and len(work_parameters) != 3:
+        raise CommandLineNotHandled  # "If --logN is set, -r and -p must also be set", etc.
+    method = method or "tty-stdin"
+    if method == "stdin-once" and operands[0] == "-":
+        raise CommandLineNotHandled  # "Cannot read both passphrase and input file from standard input"
+    return Invocation(
+        mode, options, method, method_arg, operands[0], operands[1] if len(operands) > 1 else None
+    )
+
+
+def _parse_passphrase_method(value: str) -> tuple[str, str]:
+    kind, colon, arg = value.partition(":")
+    if colon and kind == "dev" and arg in ("tty-stdin", "stdin-once", "tty-once"):
+        return arg, ""
+    if colon and kind in ("env", "file"):
+        return kind, arg
+    raise CommandLineNotHandled
+
+
+def _option_value_ok(name: str, value: str) -> bool:
+    # Only plain decimal forms inside scrypt's ranges; odd spellings go to the real scrypt to judge.
+    if name == "-M":
+        return re.fullmatch(r"[0-9]+[kMGTPE]?B?", value) is not None
+    if not DECIMAL_RE.fullmatch(value):
+        return False
+    number = float(value)
+    limits = {"--logN": (10, 40), "-r": (1, 32), "-p": (1, 32), "-m": (0, 0.5), "-t": (0, float("inf"))}
+    low, high = limits[name]
+    integer_only = name in ("--logN", "-r", "-p")
+    return low <= number <= high and (not integer_only or value.isdigit())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The passphrase dialogue (scrypt's readpass / readpass_file)
+
+
+PROG = "scrypt"  # set from argv[0] in main(); scrypt prefixes its messages with its program name
+
+
+def _say(message: str) -> None:
+    os.write(2, f"{PROG}: {message}\n".encode(errors="replace"))
+
+
+class PassphraseUnavailable(Exception):
+    """Reading the passphrase failed after consuming input; the message is scrypt's."""
+
+
+def _read_line(fd: int) -> bytes | None:
+    """fgets(buf, 2048, ...) without read-ahead: the rest of stdin stays for the data or the real scrypt."""
+    line = bytearray()
+    while len(line) < MAXPASSLEN - 1:
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+        if byte == b"\n":
+            break
+    return bytes(line) if line else None
+
+
+def _as_passphrase(line: bytes) -> bytes:
+    # scrypt cuts at the first CR or LF, and C strings end at the first NUL.
+    return re.split(rb"[\r\n\0]", line, maxsplit=1)[0]
+
+
+def read_terminal_or_stdin(devtty: bool, confirm: bool) -> bytes:
+    """scrypt's readpass(): /dev/tty if wanted and available, else stdin; prompts only on a terminal."""
+    tty_fd = None
+    if devtty:
+        try:
+            tty_fd = os.open("/dev/tty", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            tty_fd = None
+    fd = tty_fd if tty_fd is not None else 0
+    saved_attrs = None
+    try:
+        if os.isatty(fd):
+            saved_attrs = termios.tcgetattr(fd)
+            quiet = list(saved_attrs)
+            quiet[3] = (quiet[3] & ~termios.ECHO) | termios.ECHONL
+            termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        while True:
+            first = _prompted_line(fd, PROMPT, saved_attrs is not None)
+            if not confirm:
+                return _as_passphrase(first)
+            second = _prompted_line(fd, CONFIRM_PROMPT, saved_attrs is not None)
+            if first.split(b"\0")[0] == second.split(b"\0")[0]:
+                return _as_passphrase(first)
+            os.write(2, b"Passwords mismatch, please try again\n")
+    finally:
+        if saved_attrs is not None:
+            termios.tcsetattr(fd, termios.TCSANOW, saved_attrs)
+        if tty_fd is not None:
+            os.close(tty_fd)
+
+
+def _prompted_line(fd: int, prompt: str, on_terminal: bool) -> bytes:
+    if on_terminal:
+        os.write(2, f"{prompt}: ".encode())
+    try:
+        line = _read_line(fd)
+    except OSError as exc:
+        raise PassphraseUnavailable(f"Cannot read password: {exc.strerror}") from None
+    if line is None:
+        raise PassphraseUnavailable("EOF reading password")
+    return line
+
+
+def read_passphrase_file(path: str) -> bytes | None:
+    """scrypt's readpass_file(): one line of at most 2047 bytes; None if scrypt would refuse it."""
+    try:
+        with open(path, "rb") as passfile:
+            content = passfile.read(2 * MAXPASSLEN)
+    except OSError:
+        return None
+    first_line_end = content.find(b"\n")
+    first_line_len = MAXPASSLEN - 1 if first_line_end < 0 else min(first_line_end + 1, MAXPASSLEN - 1)
+    if len(content) > first_line_len:
+        return None  # "line too long, or more than 1 line"
+    return _as_passphrase(content)
+
+
+def read_passphrase(invocation: Invocation) -> bytes | None:
+    """The passphrase as scrypt would read it, or None when only the real scrypt can tell the error.
+
+    None is returned only before any input was consumed, so handing the untouched argv to the real
+    scrypt then reproduces its exact message. Failures after reading raise PassphraseUnavailable.
+    """
+    method = invocation.passphrase_method
+    if method == "env":
+        return os.environb.get(invocation.passphrase_arg.encode())  # used verbatim, as scrypt does
+    if method == "file":
+        return read_passphrase_file(invocation.passphrase_arg)
+    if method == "tty-once":
+        try:
+            os.close(os.open("/dev/tty", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return None  # scrypt: "fopen(/dev/tty): ..."
+    return read_terminal_or_stdin(
+        devtty=method != "stdin-once",
+        confirm=method == "tty-stdin" and invocation.mode == "enc",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Handing over to the real scrypt
+
+
+def exec_real_scrypt(argv: list[str], pass_fds: Iterable[int] = ()) -> NoReturn:
+    """Replace this process by the real scrypt; never fall back to pass-through when it is missing."""
+    problem = None
+    if not (os.path.isfile(REAL_SCRYPT) and os.access(REAL_SCRYPT, os.X_OK)):
+        problem = "is missing or not executable"
+    elif os.path.realpath(REAL_SCRYPT) == os.path.realpath(__file__):
+        problem = "is this shim itself"
+    if problem is None:
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
+        try:
+            os.execv(REAL_SCRYPT, [argv[0], *argv[1:]])
+        except OSError as exc:
+            problem = f"cannot be run ({exc.strerror})"
+    _say(f"qtb-pipe shim: the real scrypt {REAL_SCRYPT} {problem}; only qtb-pipe passphrases work without it")
+    sys.exit(1)
+
+
+def hand_over(argv: list[str], invocation: Invocation, passphrase: bytes) -> NoReturn:
+    """Run the real scrypt with the same arguments and the passphrase already read, without prompting.
+
+    The passphrase goes through a pipe as `--passphrase file:/dev/fd/N` (scrypt reads such a file
+    once, even for enc). An env: passphrase was not consumed, so the original argv does the job.
+    """
+    if invocation.passphrase_method == "env":
+        exec_real_scrypt(argv)
+    read_end, write_end = os.pipe()
+    # readpass_file accepts one line of at most 2047 bytes: a newline only while there is room for it
+    os.write(write_end, passphrase + b"\n" if len(passphrase) < MAXPASSLEN - 1 else passphrase)
+    os.close(write_end)
+    operands = [invocation.infile] + ([invocation.outfile] if invocation.outfile is not None else [])
+    new_argv = [
+        argv[0],
+        invocation.mode,
+        *invocation.options,
+        "--passphrase",
+        f"file:/dev/fd/{read_end}",
+        "--",
+        *operands,
+    ]
+    exec_real_scrypt(new_argv, pass_fds=[read_end])
+
+
+# ----------------------------------------------------------------------------------------------------
+# qtb mode: files and records
+
+
+class Failure(Exception):
+    """A qtb-mode failure: one line on stderr, a failed record when possible, exit status 1."""
+
+
+def _run_dir(token: str) -> str:
+    return os.path.join(STATE_DIR, "runs", token)
+
+
+def append_record(run_dir: str, record: dict[str, Any]) -> None:
+    """Append one JSON line to `<run_dir>/records.jsonl` and make it durable."""
+    path = os.path.join(run_dir, "records.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        info = os.fstat(fd)
+        if info.st_size == 0 and os.geteuid() == 0:
+            # qubesd runs the shim as root, the driver reads records as the user owning the run dir.
+            owner = os.stat(run_dir)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(run_dir: str) -> list[dict[str, Any]]:
+    try:
+        with open(os.path.join(run_dir, "records.jsonl"), "rb") as records:
+            lines = records.read().splitlines()
+    except FileNotFoundError:
+        return []
+    result = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn line from a crash; the driver judges the run from the other lines
+        if isinstance(record, dict):
+            result.append(record)
+    return result
+
+
+class Output:
+    """Where qtb-mode output goes: a temp file renamed into place on success, or written directly.
+
+    Regular (or new) output paths get a temp file in the same directory, so nothing ever appears at
+    the path until it is complete and verified. stdout and special files (FIFOs, devices) cannot be
+    renamed onto; `direct` tells dec to verify fully before writing anything there.
+    """
+
+    def __init__(self, outfile: str | None) -> None:
+        self.outfile = outfile
+        self.temp_path: str | None = None
+        self.committed_path: str | None = None  # renamed into place; discard() removes it again
+        self.fd = 1
+        self.direct = outfile is None
+        if outfile is None:
+            return
+        try:
+            info = os.stat(outfile)
+        except FileNotFoundError:
+            info = None
+        except OSError as exc:
+            raise Failure(f"Cannot open output file: {outfile}: {exc.strerror}") from None
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            raise Failure(f"Cannot open output file: {outfile}: Is a directory")
+        self.direct = info is not None and not stat.S_ISREG(info.st_mode)
+
+    def open(self) -> None:
+        if self.outfile is None:
+            return
+        try:
+            if self.direct:
+                self.fd = os.open(self.outfile, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+                return
+            directory, name = os.path.split(os.path.abspath(self.outfile))
+            for attempt in range(100):
+                candidate = os.path.join(directory, f".{name}.qtb-{os.getpid()}-{attempt}")
+                try:
+                    # 0o666 & ~umask, like fopen(outfile, "wb") in the real scrypt
+                    self.fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                except FileExistsError:
+                    continue
+                self.temp_path = candidate
+                return
+            raise Failure(f"Cannot open output file: {self.outfile}: no free temporary name")
+        except OSError as exc:
+            raise Failure(f"Cannot open output file: {self.outfile}: {exc.strerror}") from None
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            raise Failure(f"Cannot write output file: {self.outfile or 'stdout'}: {exc.strerror}") from None
+
+    def commit(self, durable: bool) -> None:
+        if durable:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise  # EINVAL: a pipe or terminal, there is nothing to make durable
+        if self.outfile is None:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        if self.temp_path is not None:
+            os.rename(self.temp_path, self.outfile)
+            self.temp_path, self.committed_path = None, self.outfile
+            if durable:
+                dir_fd = os.open(os.path.dirname(os.path.abspath(self.outfile)), os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+
+    def discard(self) -> None:
+        """Leave no output file behind (bytes already sent to stdout or a device cannot be taken back)."""
+        if self.outfile is not None and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for path in (self.temp_path, self.committed_path):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self.temp_path = self.committed_path = None
+
+
+def _enlarge_pipe(fd: int) -> None:
+    # Fewer, larger reads from qubesd's pipe; refused above /proc/sys/fs/pipe-max-size, which is fine.
+    try:
+        import fcntl
+
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, COPY_BUFFER_BYTES)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
+Sink = Callable[[memoryview], Any]
+
+
+def copy_stream(in_fd: int, limit: int | None, sinks: Iterable[Sink]) -> int:
+    """Read `in_fd` (up to `limit` bytes) into one reused buffer, handing every piece to each sink."""
+    buffer = bytearray(COPY_BUFFER_BYTES)
+    view = memoryview(buffer)
+    reader = open(in_fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - must not close in_fd
+    sinks = list(sinks)  # iterated once per buffer
+    total = 0
+    while limit is None or total < limit:
+        wanted = COPY_BUFFER_BYTES if limit is None else min(COPY_BUFFER_BYTES, limit - total)
+        count = reader.readinto(view[:wanted])
+        if not count:
+            break
+        piece = view[:count]
+        for sink in sinks:
+            sink(piece)
+        total += count
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# qtb mode: enc
+
+
+def qtb_enc(invocation: Invocation, qtb: QtbPassphrase, in_fd: int) -> int:
+    run_dir = _run_dir(qtb.token)
+    if not os.path.isdir(run_dir):
+        _say(f"qtb-pipe: {qtb.path}: run directory {run_dir} does not exist; refusing an unrecorded backup")
+        return 1
+    keys = derive_keys(qtb.secret)
+    output: Output | None = None
+    try:
+        output = Output(invocation.outfile)
+        output.open()
+        hasher = TagHasher(keys.chunk_key, qtb.path)
+        header = bytearray()
+        sinks: list[Sink] = [hasher.update, output.write]
+        if qtb.path == HEADER_PATH:
+            sinks.append(lambda piece: header.extend(piece[: MAX_HEADER_BYTES - len(header)]))
+        _enlarge_pipe(in_fd)
+        try:
+            copy_stream(in_fd, None, sinks)
+        except OSError as exc:
+            raise Failure(f"Error reading input: {exc.strerror}") from None
+        tag = hasher.finish()
+        backup_id = qtb.backup_id if qtb.backup_id is not None else header_backup_id(bytes(header))
+        if backup_id is None:
+            raise Failure("backup-header has no backup-id= line")
+        output.write(make_trailer(keys, hasher.size, tag))
+        output.commit(durable=True)
+        record = {
+            "op": "enc",
+            "path": qtb.path,
+            "backup_id": backup_id,
+            "size": hasher.size,
+            "tag": tag.hex(),
+            "status": "ok",
+        }
+        append_record(run_dir, record)  # only after the output is complete and durable (design.md)
+    except (Failure, OSError) as exc:
+        reason = str(exc) if isinstance(exc, Failure) else f"{exc.strerror}: {exc.filename or 'output'}"
+        if output is not None:
+            output.discard()
+        _say(f"qtb-pipe: {qtb.path}: {reason}")
+        _try_append(run_dir, {"op": "enc", "path": qtb.path, "status": "failed", "error": reason})
+        return 1
+    return 0
+
+
+def _try_append(run_dir: str, record: dict[str, Any]) -> None:
+    try:
+        append_record(run_dir, record)
+    except OSError:
+        pass  # the failure already makes the run incomplete: the driver finds no ok record
+
+
+# ----------------------------------------------------------------------------------------------------
+# qtb mode: dec
+
+
+def _spool_to_temp_file(in_fd: int) -> int:
+    """Copy a non-seekable input to an anonymous temp file: dec must verify all of it before output."""
+    spool = tempfile.TemporaryFile(prefix="qtb-pipe-dec-")  # noqa: SIM115 - the fd outlives this scope
+    copy_stream(in_fd, None, [spool.write])
+    spool.flush()
+    fd = os.dup(spool.fileno())
+    spool.close()
+    return fd
+
+
+def _load_manifest(run_dir: str, secret: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest body, None), (None, error) or (None, None) when no manifest was provided."""
+    path = os.path.join(run_dir, "manifest.json")
+    try:
+        with open(path, "rb") as manifest_file:
+            data = manifest_file.read(MAX_MANIFEST_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror}"
+    try:
+        return verify_manifest(secret, data), None
+    except ManifestError as exc:
+        return None, str(exc)
+
+
+def _find_displaced_trailer(in_fd: int, total: int, keys: Keys) -> int | None:
+    """Offset of a valid-looking trailer followed by extra bytes, to report "appended data" precisely."""
+    if total < TRAILER_SIZE:
+        return None
+    with mmap.mmap(in_fd, total, prot=mmap.PROT_READ) as mapped:
+        position = mapped.rfind(TRAILER_MAGIC + keys.kcv)
+        while position >= 0:
+            (size,) = struct.unpack(">Q", mapped[position + 16 : position + 24])
+            if size == position and position + TRAILER_SIZE <= total:
+                return position
+            position = mapped.rfind(TRAILER_MAGIC + keys.kcv, 0, position)
+    return None
+
+
+def check_against_manifest(
+    qtb: QtbPassphrase, size: int, tag: bytes, manifest: dict[str, Any], records: list[dict[str, Any]]
+) -> None:
+    """Membership and ordering rules of design.md ("Restore/verify"); raise VerificationError."""
+    if qtb.backup_id is not None and qtb.backup_id != manifest["backup_id"]:
+        raise VerificationError(
+            f"not from this backup (passphrase names backup {qtb.backup_id}, "
+            f"manifest is for {manifest['backup_id']})"
+        )
+    entries = {chunk["path"]: chunk for chunk in manifest["chunks"]}
+    chunks_of_file: dict[str, list[str]] = {}
+    for path in entries:
+        chunks_of_file.setdefault(split_chunk_path(path)[0], []).append(path)
+    entry = entries.get(qtb.path)
+    if entry is None:
+        raise VerificationError("not from this backup (no such file in the manifest)")
+    if entry["size"] != size or not hmac.compare_digest(entry["tag"], tag.hex()):
+        raise VerificationError("not from this backup (size or tag differ from the manifest)")
+
+    accepted = {r.get("path") for r in records if r.get("op") == "dec" and r.get("status") == "ok"}
+    file_name, index = split_chunk_path(qtb.path)
+    if index is not None and index > 0:
+        previous = f"{file_name}.{index - 1:03d}"
+        if previous not in accepted:
+            raise VerificationError(f"out of order: {previous} was not accepted before it")
+    started = {split_chunk_path(path)[0] for path in accepted if isinstance(path, str)}
+    if file_name in started:
+        return
+    for other in sorted(started):
+        missing = [p for p in chunks_of_file.get(other, []) if p not in accepted]
+        if missing:
+            raise VerificationError(
+                f"out of order: starts a new file before {other} is complete (missing {missing[0]})"
+            )
+
+
+def qtb_dec(invocation: Invocation, qtb: QtbPassphrase, in_fd: int) -> int:
+    run_dir = _run_dir(qtb.token)
+    have_run_dir = os.path.isdir(run_dir)
+    label = f"qtb-pipe: {qtb.path} ({invocation.infile})"
+    output: Output | None = None
+    size: int | None = None
+    try:
+        try:
+            output = Output(invocation.outfile)
+            if in_fd == 0 or not stat.S_ISREG(os.fstat(in_fd).st_mode):
+                in_fd = _spool_to_temp_file(in_fd)  # stdin may be a pipe, or a file not at offset 0
+            total = os.fstat(in_fd).st_size
+        except OSError as exc:
+            raise Failure(f"Error reading input: {exc.strerror}") from None
+        keys = derive_keys(qtb.secret)
+        manifest, manifest_error = (None, None)
+        if have_run_dir:
+            manifest, manifest_error = _load_manifest(run_dir, qtb.secret)
+
+        trailer = (
+            parse_trailer(os.pread(in_fd, TRAILER_SIZE, total - TRAILER_SIZE))
+            if total >= TRAILER_SIZE
+            else None
+        )
+        if trailer is None:
+            _explain_missing_trailer(in_fd, total, keys, qtb, manifest)
+        assert trailer is not None
+        size = total - TRAILER_SIZE
+        _check_trailer(keys, trailer, size)
+
+        # Stream once: hash, and (for a renameable output) write a temp file that only a full match keeps.
+        hasher = TagHasher(keys.chunk_key, qtb.path)
+        sinks: list[Sink] = [hasher.update]
+        if not output.direct:
+            output.open()
+            sinks.append(output.write)
+        os.lseek(in_fd, 0, os.SEEK_SET)
+        copy_stream(in_fd, size, sinks)
+        if hasher.size != size or not hmac.compare_digest(hasher.finish(), trailer.tag):
+            raise VerificationError("tampered or not this file's path (tag mismatch)")
+
+        if manifest_error is not None:
+            raise VerificationError(manifest_error)
+        if manifest is not None:
+            check_against_manifest(qtb, size, trailer.tag, manifest, read_records(run_dir))
+        else:
+            _say(
+                f"{label}: warning: no qtb-pipe manifest for this run; checked the file's own tag only "
+                "(a chunk of another backup, reordered or missing chunks cannot be detected)"
+            )
+
+        if output.direct:  # stdout or a special file: now verified, copy it there
+            output.open()
+            os.lseek(in_fd, 0, os.SEEK_SET)
+            copy_stream(in_fd, size, [output.write])
+        output.commit(durable=False)
+        if have_run_dir:
+            append_record(run_dir, {"op": "dec", "path": qtb.path, "size": size, "status": "ok"})
+    except (Failure, VerificationError, OSError) as exc:
+        reason = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}"
+        if output is not None:
+            output.discard()
+        _say(f"{label}: {reason}")
+        if have_run_dir:
+            record: dict[str, Any] = {"op": "dec", "path": qtb.path, "status": "failed", "error": reason}
+            if size is not None:
+                record["size"] = size  # the data size the trailer position implies
+            _try_append(run_dir, record)
+        return 1
+    return 0
+
+
+def _explain_missing_trailer(
+    in_fd: int, total: int, keys: Keys, qtb: QtbPassphrase, manifest: dict[str, Any] | None
+) -> NoReturn:
+    """No trailer at the end: say whether bytes were cut off or added, as precisely as we can."""
+    displaced = _find_displaced_trailer(in_fd, total, keys)
+    if displaced is not None:
+        raise VerificationError(f"appended data ({total - displaced - TRAILER_SIZE} bytes after the trailer)")
+    expected = None
+    if manifest is not None:
+        expected = next((c["size"] for c in manifest["chunks"] if c["path"] == qtb.path), None)
+    if expected is not None and total < expected + TRAILER_SIZE:
+        raise VerificationError(f"truncated ({total} bytes, expected {expected + TRAILER_SIZE})")
+    if expected is not None and total > expected + TRAILER_SIZE:
+        raise VerificationError(f"appended data ({total} bytes, expected {expected + TRAILER_SIZE})")
+    if expected is not None:
+        raise VerificationError("tampered (qtb-pipe trailer damaged)")
+    raise VerificationError("no qtb-pipe trailer at the end: truncated, or not a qtb-pipe file")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def written_by_real_scrypt(fd: int) -> bool:
+    """A regular file starting with scrypt's magic and not ending in a qtb-pipe trailer.
+
+    The trailer test keeps a qtb-pipe file whose data happens to start with "scrypt" ours; a real
+    scrypt file ends in an HMAC, which matches the trailer magic with probability 2^-64.
+    """
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or os.pread(fd, len(SCRYPT_MAGIC), 0) != SCRYPT_MAGIC:
+        return False
+    trailer_start = info.st_size - TRAILER_SIZE
+    return trailer_start < 0 or os.pread(fd, len(TRAILER_MAGIC), trailer_start) != TRAILER_MAGIC
+
+
+def main(argv: list[str] | None = None) -> int:
+    global PROG
+    argv = list(sys.argv if argv is None else argv)
+    PROG = os.path.basename(argv[0]) or "scrypt"
+    try:
+        invocation = parse_command_line(argv[1:])
+    except CommandLineNotHandled:
+        exec_real_scrypt(argv)  # info, --version, usage errors: all the real scrypt's business
+
+    # Open the input before the dialogue, as scrypt does: a missing file must not prompt first.
+    in_fd = 0
+    if invocation.infile != "-":
+        try:
+            in_fd = os.open(invocation.infile, os.O_RDONLY | os.O_CLOEXEC)
+            if stat.S_ISDIR(os.fstat(in_fd).st_mode):
+                raise IsADirectoryError
+        except OSError:
+            exec_real_scrypt(argv)  # it prints "Cannot open input file: ..." its own way
+        if invocation.mode == "dec" and written_by_real_scrypt(in_fd):
+            os.close(in_fd)
+            exec_real_scrypt(argv)  # e.g. a backup made before the shim was installed
+
+    try:
+        passphrase = read_passphrase(invocation)
+    except PassphraseUnavailable as exc:
+        _say(str(exc))
+        return 1
+    if passphrase is None:
+        exec_real_scrypt(argv)
+
+    try:
+        qtb = parse_qtb_passphrase(passphrase)
+    except QtbPassphraseError as exc:
+        _say(f"qtb-pipe: {exc}")
+        return 1
+    if qtb is None:
+        if in_fd != 0:
+            os.close(in_fd)
+        hand_over(argv, invocation, passphrase)
+    if invocation.mode == "enc":
+        return qtb_enc(invocation, qtb, in_fd)
+    return qtb_dec(invocation, qtb, in_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

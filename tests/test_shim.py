@@ -1,0 +1,608 @@
+"""The installed shim driven over a pty exactly as qubesd and qvm-backup-restore drive scrypt."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from shimtools import (
+    PROMPT_CONFIRM,
+    PROMPT_ENTER,
+    REAL_SCRYPT,
+    ShimWorld,
+    UnexpectedPrompt,
+    converse,
+    make_world,
+    run_like_qubes,
+    run_without_tty,
+)
+
+from qtb_pipe import shim_install
+from scrypt_shim import shim
+
+BACKUP_ID = "20261124T003908-3222"
+OLDER_BACKUP_ID = "20261101T010203-1111"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> ShimWorld:
+    return make_world(tmp_path)
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Cheap non-repeating-looking data (os.urandom of 100 MiB costs more than the test itself)."""
+    block = bytes((i * 131 + seed * 17 + (i >> 8)) & 0xFF for i in range(65536))
+    return (block * (size // len(block) + 1))[:size]
+
+
+def assert_refused(result, world: ShimWorld, path: str, reason: str, out: Path) -> None:
+    """Non-zero exit, ONE stderr line naming the file and the reason, no output file."""
+    assert result.returncode != 0, result
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert path in lines[0] and reason in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.qtb-")]  # no temp left
+
+
+# --- round trips ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512 * 3 + 7, 1 * MiB + 1, 100 * MiB])
+def test_chunk_round_trip(world: ShimWorld, size: int) -> None:
+    data = pattern(size)
+    path = "vm12/private.img.000"
+    encrypted = world.enc(BACKUP_ID, path, data)
+    blob = encrypted.read_bytes()
+    assert blob == shim.seal_chunk(world.secret, path, data)  # input plus the trailer, nothing else
+    assert blob[:size] == data and len(blob) == size + shim.TRAILER_SIZE
+    del blob
+
+    (enc_record,) = world.start_restore(BACKUP_ID)
+    out = world.work / "restored"
+    result = world.dec(BACKUP_ID, path, encrypted, out)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert out.read_bytes() == data
+    (dec_record,) = world.records()
+    assert enc_record == {
+        "op": "enc",
+        "path": path,
+        "backup_id": BACKUP_ID,
+        "size": size,
+        "tag": shim.compute_tag(shim.derive_keys(world.secret).chunk_key, path, data).hex(),
+        "status": "ok",
+    }
+    assert dec_record == {"op": "dec", "path": path, "size": size, "status": "ok"}
+
+
+def test_header_file_to_file_round_trip(world: ShimWorld) -> None:
+    header = f"version=4\nencrypted=True\ncompressed=False\nbackup-id={BACKUP_ID}\n".encode()
+    plain = world.work / "backup-header"
+    plain.write_bytes(header)
+    hmac_file = world.work / "backup-header.hmac"
+    result = run_like_qubes([world.shim, "enc", plain, hmac_file], world.passphrase(None, "backup-header"))
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert hmac_file.read_bytes() == shim.seal_chunk(world.secret, "backup-header", header)
+    # the header's record takes its backup_id from the header's backup-id= line
+    assert world.records()[0]["backup_id"] == BACKUP_ID
+
+    world.start_restore(BACKUP_ID)
+    decrypted = world.work / "backup-header.dec"
+    result = world.dec(None, "backup-header", hmac_file, decrypted)
+    assert result.returncode == 0
+    assert decrypted.read_bytes() == header
+
+
+def test_dash_forms(world: ShimWorld) -> None:
+    """`-` input for enc and dec, and no outfile (stdout) for both."""
+    data = pattern(300_000, seed=3)
+    passphrase = world.passphrase(BACKUP_ID, "qubes.xml.000")
+    to_stdout = run_like_qubes([world.shim, "enc", "-"], passphrase, stdin_data=data)
+    assert to_stdout.returncode == 0
+    assert to_stdout.stdout == shim.seal_chunk(world.secret, "qubes.xml.000", data)
+
+    from_stdin = run_like_qubes([world.shim, "dec", "-"], passphrase, stdin_data=to_stdout.stdout)
+    assert from_stdin.returncode == 0 and from_stdin.stdout == data
+
+    encrypted = world.work / "x.enc"
+    encrypted.write_bytes(to_stdout.stdout)
+    file_to_stdout = run_like_qubes([world.shim, "dec", encrypted], passphrase)
+    assert file_to_stdout.returncode == 0 and file_to_stdout.stdout == data
+
+    out = world.work / "from-stdin"
+    stdin_to_file = run_like_qubes(
+        [world.shim, "dec", "-f", "-", out], passphrase, stdin_data=to_stdout.stdout
+    )
+    assert stdin_to_file.returncode == 0 and out.read_bytes() == data
+
+    broken = bytearray(to_stdout.stdout)
+    broken[10] ^= 1
+    refused = run_like_qubes([world.shim, "dec", "-"], passphrase, stdin_data=bytes(broken))
+    assert refused.returncode == 1 and refused.stdout == b""  # verified before writing anything
+
+
+def test_qtb_data_starting_with_scrypt_magic_stays_in_qtb_mode(world: ShimWorld) -> None:
+    data = b"scrypt\x00 looks like a real scrypt header" * 10
+    encrypted = world.enc(BACKUP_ID, "vm5/private.img.000", data)
+    world.start_restore(BACKUP_ID)
+    out = world.work / "out"
+    result = world.dec(BACKUP_ID, "vm5/private.img.000", encrypted, out)
+    assert (result.returncode, result.stderr) == (0, b"") and out.read_bytes() == data
+
+
+def test_dash_outfile_is_a_file_named_dash_like_scrypt(world: ShimWorld) -> None:
+    # scrypt 1.3.1 only knows `-` as infile; as outfile it is a plain name (checked with /usr/bin/scrypt).
+    passphrase = world.passphrase(BACKUP_ID, "a.000")
+    result = run_like_qubes([world.shim, "enc", "-", "-"], passphrase, stdin_data=b"abc", cwd=world.work)
+    assert result.returncode == 0
+    assert (world.work / "-").read_bytes() == shim.seal_chunk(world.secret, "a.000", b"abc")
+
+
+def test_passphrase_from_stdin_lines_then_data_without_tty(world: ShimWorld) -> None:
+    """No tty: scrypt reads two passphrase lines from stdin, and the data follows on the same stdin."""
+    out = world.work / "c.enc"
+    line = world.passphrase(BACKUP_ID, "vm1/private.img.000").encode() + b"\n"
+    result = run_without_tty([world.shim, "enc", "-", out], line + line + b"DATA\nmore")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert out.read_bytes() == shim.seal_chunk(world.secret, "vm1/private.img.000", b"DATA\nmore")
+
+
+def test_env_file_and_P_passphrase_methods(world: ShimWorld) -> None:
+    passphrase = world.passphrase(BACKUP_ID, "vm1/private.img.000")
+    source = world.work / "in"
+    source.write_bytes(b"payload")
+    expected = shim.seal_chunk(world.secret, "vm1/private.img.000", b"payload")
+
+    env_out = world.work / "env.enc"
+    env = {**os.environ, "QTB_TEST_PW": passphrase}
+    result = run_without_tty(
+        [world.shim, "enc", "--passphrase", "env:QTB_TEST_PW", source, env_out], b"", env=env
+    )
+    assert result.returncode == 0 and env_out.read_bytes() == expected
+
+    pass_file = world.work / "pw"
+    pass_file.write_text(passphrase + "\n")
+    file_out = world.work / "file.enc"
+    result = run_without_tty([world.shim, "enc", f"--passphrase=file:{pass_file}", source, file_out], b"")
+    assert result.returncode == 0 and file_out.read_bytes() == expected
+
+    # upstream Qubes tests: `scrypt enc -P -t 0.1 IN OUT`, passphrase on stdin without newline
+    p_out = world.work / "p.enc"
+    result = run_without_tty([world.shim, "enc", "-P", "-t", "0.1", source, p_out], passphrase.encode())
+    assert result.returncode == 0 and p_out.read_bytes() == expected
+
+
+def test_unchanged_data_under_new_backup_id_is_byte_identical(world: ShimWorld) -> None:
+    data = pattern(2 * MiB + 5, seed=9)
+    first = world.enc(OLDER_BACKUP_ID, "vm3/private.img.001", data, world.work / "first.enc")
+    world.new_run()  # another backup: new token, new backup_id
+    second = world.enc(BACKUP_ID, "vm3/private.img.001", data, world.work / "second.enc")
+    assert first.read_bytes() == second.read_bytes()
+
+
+# --- hand-over to the real scrypt --------------------------------------------------------------------
+
+
+def test_non_qtb_passphrase_gives_real_scrypt_file(world: ShimWorld) -> None:
+    data = pattern(100_000, seed=1)
+    out = world.work / "real.enc"
+    result = run_like_qubes([world.shim, "enc", "-t", "0.1", "-", out], "correct horse", stdin_data=data)
+    # exactly one prompt sequence: the real scrypt got the passphrase without prompting again
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert out.read_bytes().startswith(b"scrypt")
+    back = world.work / "real.out"
+    result = run_like_qubes([REAL_SCRYPT, "dec", "-f", out, back], "correct horse")
+    assert result.returncode == 0 and back.read_bytes() == data
+    assert world.records() == []  # nothing recorded for non-qtb runs
+
+
+def test_non_qtb_without_tty_hands_over_the_rest_of_stdin(world: ShimWorld) -> None:
+    """No tty, data on stdin after the two passphrase lines: the real scrypt must get exactly the data."""
+    out = world.work / "real.enc"
+    result = run_without_tty([world.shim, "enc", "-t", "0.1", "-", out], b"pw\npw\nDATA\nmore")
+    assert (result.returncode, result.stderr) == (0, b"")
+    back = run_without_tty([REAL_SCRYPT, "dec", "-P", out], b"pw")
+    assert back.stdout == b"DATA\nmore"
+
+
+def test_non_qtb_header_form_and_wrong_passphrase_pass_through(world: ShimWorld) -> None:
+    source = world.work / "backup-header"
+    source.write_bytes(b"version=4\n")
+    out = world.work / "backup-header.hmac"
+    result = run_like_qubes([world.shim, "enc", "-t", "0.1", source, out], "backup-header!userpass")
+    assert (result.returncode, result.stderr) == (0, b"")
+    wrong = run_like_qubes([world.shim, "dec", "-f", out, world.work / "x"], "backup-header!nope")
+    assert (wrong.returncode, wrong.stderr) == (1, b"scrypt: Passphrase is incorrect\n")  # real scrypt's
+
+
+def test_real_scrypt_file_decrypts_through_shim(world: ShimWorld) -> None:
+    data = pattern(70_000, seed=2)
+    source = world.work / "in"
+    source.write_bytes(data)
+    made_by_real = world.work / "old.enc"
+    result = run_like_qubes([REAL_SCRYPT, "enc", "-t", "0.1", source, made_by_real], "old passphrase")
+    assert result.returncode == 0
+    out = world.work / "out"
+    result = run_like_qubes([world.shim, "dec", "-f", made_by_real, out], "old passphrase")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert out.read_bytes() == data
+    # even with a qtb-pipe passphrase, a real scrypt file goes to the real scrypt (which rejects it)
+    qtb_try = world.dec(BACKUP_ID, "vm1/private.img.000", made_by_real, world.work / "out2")
+    assert qtb_try.returncode == 1 and qtb_try.stderr == b"scrypt: Passphrase is incorrect\n"
+
+
+def test_tty_mismatch_dialogue_matches_real_scrypt(world: ShimWorld) -> None:
+    script = [
+        (PROMPT_ENTER, b"first\n"),
+        (PROMPT_CONFIRM, b"other\n"),
+        (b"Passwords mismatch, please try again\n" + PROMPT_ENTER, b"agreed\n"),
+        (PROMPT_CONFIRM, b"agreed\n"),
+    ]
+    for number, program in enumerate((REAL_SCRYPT, world.shim)):
+        out = world.work / f"{number}.enc"
+        result = converse([program, "enc", "-t", "0.1", "-", out], script, stdin_data=b"x")
+        assert (result.returncode, result.stderr) == (0, b""), program
+        back = run_like_qubes([REAL_SCRYPT, "dec", out], "agreed")
+        assert back.stdout == b"x"
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin"),
+    [
+        ([], b""),
+        (["frobnicate"], b""),
+        (["enc"], b""),
+        (["enc", "-x", "in"], b""),
+        (["enc", "-t"], b""),
+        (["enc", "--logN", "10", "in", "out"], b""),
+        (["enc", "-P", "-", "out"], b"pw"),
+        (["dec", "does-not-exist", "out"], b"pw\n"),
+        (["enc", "in", "out", "extra"], b""),
+        (["--version"], b""),
+        (["enc", "in", "out"], b"only one line\n"),  # no tty: EOF before the confirmation
+        (["dec", "-P", "empty.enc", "out"], b"pw"),  # not an scrypt file, not qtb: real scrypt's message
+    ],
+)
+def test_errors_match_real_scrypt_byte_for_byte(world: ShimWorld, args: list[str], stdin: bytes) -> None:
+    (world.work / "in").write_bytes(b"data")
+    (world.work / "empty.enc").write_bytes(b"")
+    results = []
+    for program in (REAL_SCRYPT, world.shim):
+        proc = run_without_tty([program, *args], stdin, cwd=world.work)
+        results.append((proc.returncode, proc.stdout, proc.stderr))
+    assert results[0] == results[1]
+    assert results[0][0] != 0 or args == ["--version"]
+
+
+def test_missing_real_scrypt_at_run_time(world: ShimWorld) -> None:
+    broken = world.work / "scrypt-without-real"
+    broken.write_bytes(shim_install.render_shim(world.work / "no-such-scrypt", world.state_dir))
+    broken.chmod(0o755)
+    out = world.work / "out.enc"
+    result = run_like_qubes([broken, "enc", "-", out], "not a qtb passphrase", stdin_data=b"secret data")
+    assert result.returncode == 1
+    assert result.stderr.count(b"\n") == 1 and b"no-such-scrypt is missing" in result.stderr
+    assert not out.exists()  # never pass-through
+    # qtb-pipe runs do not need the real scrypt
+    data_path = "vm2/private.img.000"
+    ok = run_like_qubes(
+        [broken, "enc", "-", out], world.passphrase(BACKUP_ID, data_path), stdin_data=b"secret data"
+    )
+    assert ok.returncode == 0 and out.read_bytes() == shim.seal_chunk(world.secret, data_path, b"secret data")
+    # a real scrypt file cannot be restored without the real scrypt: refused before any prompt
+    real_file = world.work / "real.enc"
+    real_file.write_bytes(b"scrypt\x00" + b"\x00" * 200)
+    with pytest.raises(UnexpectedPrompt) as refused:
+        run_like_qubes([broken, "dec", "-f", real_file, world.work / "o"], "pw")
+    assert b"no-such-scrypt is missing" in refused.value.result.stderr
+    assert refused.value.result.returncode == 1
+
+
+# --- qtb-mode enc failures ---------------------------------------------------------------------------
+
+
+def test_enc_without_run_directory_fails(world: ShimWorld) -> None:
+    world.run_dir.rmdir()
+    out = world.work / "c.enc"
+    result = run_like_qubes(
+        [world.shim, "enc", "-", out], world.passphrase(BACKUP_ID, "vm1/private.img.000"), stdin_data=b"abc"
+    )
+    assert result.returncode == 1 and b"does not exist" in result.stderr and not out.exists()
+
+
+def test_enc_header_without_backup_id_records_failure(world: ShimWorld) -> None:
+    source = world.work / "backup-header"
+    source.write_bytes(b"version=4\n")
+    out = world.work / "backup-header.hmac"
+    result = run_like_qubes([world.shim, "enc", source, out], world.passphrase(None, "backup-header"))
+    assert result.returncode == 1 and not out.exists()
+    (record,) = world.records()
+    assert record["status"] == "failed" and "backup-id" in str(record["error"])
+
+
+def test_malformed_qtb_prefix_is_refused_not_passed_through(world: ShimWorld) -> None:
+    out = world.work / "c.enc"
+    result = run_like_qubes(
+        [world.shim, "enc", "-", out], f"not-an-id!vm1/x.000!{world.user_passphrase}", stdin_data=b"abc"
+    )
+    assert result.returncode == 1 and b"malformed backup id" in result.stderr and not out.exists()
+
+
+# --- qtb-mode dec: detection -------------------------------------------------------------------------
+
+PATH = "vm12/private.img.000"
+
+
+@pytest.fixture
+def chunk(world: ShimWorld) -> tuple[Path, bytes]:
+    data = pattern(5000, seed=4)
+    encrypted = world.enc(BACKUP_ID, PATH, data)
+    world.new_run()  # restores run in their own run
+    return encrypted, data
+
+
+def edited(world: ShimWorld, source: Path, blob: bytes) -> Path:
+    target = world.work / ("edited-" + source.name)
+    target.write_bytes(blob)
+    return target
+
+
+def test_flipped_byte(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, _ = chunk
+    for position in (0, 4999, 5000 + 30):  # first byte, last data byte, a byte of the tag
+        blob = bytearray(encrypted.read_bytes())
+        blob[position] ^= 0x40
+        out = world.work / "out"
+        result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, bytes(blob)), out)
+        assert_refused(result, world, PATH, "tampered", out)
+
+
+def test_truncation(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, _ = chunk
+    blob = encrypted.read_bytes()
+    out = world.work / "out"
+    cut_data = blob[:1000] + blob[-shim.TRAILER_SIZE :]  # trailer kept, data cut short
+    assert_refused(
+        world.dec(BACKUP_ID, PATH, edited(world, encrypted, cut_data), out), world, PATH, "truncated", out
+    )
+    cut_end = blob[:-10]  # trailer cut off
+    assert_refused(
+        world.dec(BACKUP_ID, PATH, edited(world, encrypted, cut_end), out), world, PATH, "truncated", out
+    )
+    empty = b""
+    assert_refused(
+        world.dec(BACKUP_ID, PATH, edited(world, encrypted, empty), out), world, PATH, "truncated", out
+    )
+
+
+def test_truncation_with_manifest_names_sizes(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, data = chunk
+    write_manifest_for(world, BACKUP_ID, {PATH: data})
+    out = world.work / "out"
+    result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, encrypted.read_bytes()[:-10]), out)
+    assert_refused(result, world, PATH, f"truncated ({5046} bytes, expected {5056})", out)
+
+
+def test_appended_bytes(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, _ = chunk
+    out = world.work / "out"
+    result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, encrypted.read_bytes() + b"extra"), out)
+    assert_refused(result, world, PATH, "appended data (5 bytes after the trailer)", out)
+    doubled = encrypted.read_bytes() * 2
+    result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, doubled), out)
+    assert_refused(result, world, PATH, "appended data", out)
+
+
+def test_tag_from_another_path(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, _ = chunk
+    out = world.work / "out"
+    other = "vm12/private.img.001"
+    assert_refused(world.dec(BACKUP_ID, other, encrypted, out), world, other, "not this file's path", out)
+
+
+def test_wrong_secret(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, _ = chunk
+    world.secret = bytes(32)
+    out = world.work / "out"
+    assert_refused(world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "wrong key", out)
+
+
+def write_manifest_for(
+    world: ShimWorld, backup_id: str, files: dict[str, bytes], secret: bytes | None = None
+):
+    keys = shim.derive_keys(world.secret)
+    chunks = [
+        {"path": path, "size": len(data), "tag": shim.compute_tag(keys.chunk_key, path, data).hex()}
+        for path, data in files.items()
+    ]
+    world.write_manifest(backup_id, chunks, secret)
+
+
+def test_chunk_from_older_backup_at_same_path(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    old_encrypted, _ = chunk  # made by an older backup with the same path
+    new_data = pattern(5000, seed=5)
+    write_manifest_for(world, BACKUP_ID, {PATH: new_data})
+    out = world.work / "out"
+    result = world.dec(BACKUP_ID, PATH, old_encrypted, out)
+    assert_refused(result, world, PATH, "not from this backup", out)
+    (record,) = world.records()
+    assert record["status"] == "failed" and record["op"] == "dec"
+
+
+def test_manifest_from_another_backup(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, data = chunk
+    write_manifest_for(world, OLDER_BACKUP_ID, {PATH: data})
+    out = world.work / "out"
+    result = world.dec(BACKUP_ID, PATH, encrypted, out)
+    assert_refused(result, world, PATH, "not from this backup", out)
+    assert OLDER_BACKUP_ID.encode() in result.stderr
+
+
+def test_forged_manifest(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, data = chunk
+    out = world.work / "out"
+    write_manifest_for(world, BACKUP_ID, {PATH: data}, secret=b"\x01" * 32)  # sealed with another key
+    assert_refused(
+        world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "manifest seal does not verify", out
+    )
+
+    write_manifest_for(world, BACKUP_ID, {PATH: data})
+    sealed = json.loads((world.run_dir / "manifest.json").read_bytes())
+    sealed["manifest"]["backup_id"] = OLDER_BACKUP_ID  # edited after sealing
+    (world.run_dir / "manifest.json").write_text(json.dumps(sealed))
+    assert_refused(
+        world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "manifest seal does not verify", out
+    )
+
+
+def test_chunk_missing_from_manifest(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, _ = chunk
+    write_manifest_for(world, BACKUP_ID, {"vm12/private.img.001": b"x"})
+    out = world.work / "out"
+    assert_refused(
+        world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "no such file in the manifest", out
+    )
+
+
+def test_without_manifest_checks_tag_and_warns(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    """Emergency / paranoid-mode restore: no run directory, the per-chunk tag only, one warning line."""
+    encrypted, data = chunk
+    world.run_dir.rmdir()
+    out = world.work / "out"
+    result = world.dec(BACKUP_ID, PATH, encrypted, out)
+    assert result.returncode == 0 and out.read_bytes() == data
+    assert result.stderr.count(b"\n") == 1 and b"warning" in result.stderr
+    broken = bytearray(encrypted.read_bytes())
+    broken[1] ^= 1
+    out.unlink()
+    assert_refused_with_warning = world.dec(BACKUP_ID, PATH, edited(world, encrypted, bytes(broken)), out)
+    assert assert_refused_with_warning.returncode == 1 and not out.exists()
+
+
+def test_existing_output_is_replaced_only_after_verification(
+    world: ShimWorld, chunk: tuple[Path, bytes]
+) -> None:
+    # scrypt 1.3.1 overwrites an existing output with or without -f; so does the shim, but only when valid.
+    encrypted, data = chunk
+    out = world.work / "out"
+    out.write_bytes(b"previous")
+    blob = bytearray(encrypted.read_bytes())
+    blob[7] ^= 1
+    assert world.dec(BACKUP_ID, PATH, edited(world, encrypted, bytes(blob)), out).returncode == 1
+    assert out.read_bytes() == b"previous"
+    result = run_like_qubes([world.shim, "dec", encrypted, out], world.passphrase(BACKUP_ID, PATH))  # no -f
+    assert result.returncode == 0 and out.read_bytes() == data
+
+
+# --- qtb-mode dec: ordering rules --------------------------------------------------------------------
+
+
+@pytest.fixture
+def backup(world: ShimWorld) -> dict[str, Path]:
+    """A backup with file A in three chunks and file B in one, and its manifest in a new restore run."""
+    files = {
+        "vm1/private.img.000": pattern(3000, 1),
+        "vm1/private.img.001": pattern(3000, 2),
+        "vm1/private.img.002": pattern(100, 3),
+        "vm2/private.img.000": pattern(10, 4),
+    }
+    encrypted = {path: world.enc(BACKUP_ID, path, data) for path, data in files.items()}
+    world.new_run()
+    write_manifest_for(world, BACKUP_ID, files)
+    return encrypted
+
+
+def restore(world: ShimWorld, backup: dict[str, Path], path: str):
+    out = world.work / ("out-" + path.replace("/", "_"))
+    out.unlink(missing_ok=True)
+    return world.dec(BACKUP_ID, path, backup[path], out), out
+
+
+def test_in_order_restore_is_accepted(world: ShimWorld, backup: dict[str, Path]) -> None:
+    for path in backup:
+        result, _ = restore(world, backup, path)
+        assert (result.returncode, result.stderr) == (0, b""), path
+    again, _ = restore(world, backup, "vm1/private.img.000")  # repeating an accepted chunk is fine
+    assert again.returncode == 0
+    assert [r["status"] for r in world.records()] == ["ok"] * 5
+
+
+def test_chunk_before_its_predecessor_is_refused(world: ShimWorld, backup: dict[str, Path]) -> None:
+    result, out = restore(world, backup, "vm1/private.img.001")
+    assert_refused(
+        result, world, "vm1/private.img.001", "out of order: vm1/private.img.000 was not accepted", out
+    )
+    assert restore(world, backup, "vm1/private.img.000")[0].returncode == 0
+    result, out = restore(world, backup, "vm1/private.img.002")  # skips .001
+    assert_refused(result, world, "vm1/private.img.002", "vm1/private.img.001 was not accepted", out)
+
+
+def test_new_file_before_previous_file_complete_is_refused(world: ShimWorld, backup: dict[str, Path]) -> None:
+    assert restore(world, backup, "vm1/private.img.000")[0].returncode == 0
+    assert restore(world, backup, "vm1/private.img.001")[0].returncode == 0
+    result, out = restore(world, backup, "vm2/private.img.000")  # drops vm1's last chunk
+    assert_refused(result, world, "vm2/private.img.000", "before vm1/private.img is complete", out)
+    assert "missing vm1/private.img.002" in result.stderr.decode()
+
+
+def test_full_restore_sequence_like_qubes(world: ShimWorld) -> None:
+    """Header (file to file), qubes.xml, then a VM's chunks: the order qvm-backup-restore uses."""
+    header = f"version=4\nencrypted=True\ncompressed=False\nbackup-id={BACKUP_ID}\n".encode()
+    plain = world.work / "backup-header"
+    plain.write_bytes(header)
+    hmac_file = world.work / "backup-header.hmac"
+    made = run_like_qubes([world.shim, "enc", plain, hmac_file], world.passphrase(None, "backup-header"))
+    assert made.returncode == 0
+    chunks = {"qubes.xml.000": pattern(900, 1), "vm1/private.img.000": pattern(4000, 2)}
+    files = {path: world.enc(BACKUP_ID, path, data) for path, data in chunks.items()}
+    assert [r["path"] for r in world.start_restore(BACKUP_ID)] == ["backup-header", *chunks]
+
+    header_out = world.work / "backup-header.dec"
+    assert world.dec(None, "backup-header", hmac_file, header_out).returncode == 0
+    assert header_out.read_bytes() == header
+    for path, data in chunks.items():
+        out = world.work / (path.replace("/", "_") + ".out")
+        result = world.dec(BACKUP_ID, path, files[path], out)
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert out.read_bytes() == data
+    assert [(r["path"], r["status"]) for r in world.records()] == [
+        ("backup-header", "ok"),
+        ("qubes.xml.000", "ok"),
+        ("vm1/private.img.000", "ok"),
+    ]
+
+
+def test_enc_into_missing_directory_records_failure(world: ShimWorld) -> None:
+    out = world.work / "no-such-dir" / "c.enc"
+    result = run_like_qubes(
+        [world.shim, "enc", "-", out], world.passphrase(BACKUP_ID, "vm1/private.img.000"), stdin_data=b"abc"
+    )
+    assert result.returncode == 1 and result.stderr.count(b"\n") == 1
+    assert b"Cannot open output file" in result.stderr
+    (record,) = world.records()
+    assert record["status"] == "failed" and record["path"] == "vm1/private.img.000"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: qubesd runs the shim as root")
+def test_records_file_belongs_to_the_run_directory_owner(world: ShimWorld) -> None:
+    os.chown(world.run_dir, 4321, 4322)
+    world.enc(BACKUP_ID, "vm1/private.img.000", b"abc")
+    info = (world.run_dir / "records.jsonl").stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (4321, 4322, 0o600)
+
+
+def test_tty_once_prompts_once_like_real_scrypt(world: ShimWorld) -> None:
+    for number, program in enumerate((REAL_SCRYPT, world.shim)):
+        out = world.work / f"once-{number}.enc"
+        argv = [program, "enc", "--passphrase", "dev:tty-once", "-t", "0.1", "-", out]
+        result = converse(argv, [(PROMPT_ENTER, b"once\n")], stdin_data=b"payload")
+        assert (result.returncode, result.stderr) == (0, b""), program
+        assert run_like_qubes([REAL_SCRYPT, "dec", out], "once").stdout == b"payload"
+    qtb_out = world.work / "once-qtb.enc"
+    argv = [world.shim, "enc", "--passphrase", "dev:tty-once", "-", qtb_out]
+    answer = world.passphrase(BACKUP_ID, "vm1/private.img.000").encode() + b"\n"
+    assert converse(argv, [(PROMPT_ENTER, answer)], stdin_data=b"payload").returncode == 0
+    assert qtb_out.read_bytes() == shim.seal_chunk(world.secret, "vm1/private.img.000", b"payload")
