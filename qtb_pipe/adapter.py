@@ -17,6 +17,9 @@ from .errors import EXIT_FAILED, EXIT_QUBE, EXIT_SNAPSHOT, QtbError
 SNAPSHOT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
 BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9]{1,10}$")
 MEMBER_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+QUBE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+TIME_RE = re.compile(r"^[0-9T:.+ Z-]{1,40}$")
+STATES = ("complete", "pending")
 MAX_MANIFEST = 16 * 1024 * 1024
 MAX_JSON = 8 * 1024 * 1024
 # Adapter exit codes (docs/design.md) → what the user should do.
@@ -91,7 +94,7 @@ class Adapter:
         raw = self._call(*args, "--json", input=input)
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise QtbError(f"backup qube sent invalid JSON for `qtb-adapter {args[0]}`") from None
 
     def location(self, *args: str) -> str:
@@ -114,13 +117,24 @@ class Adapter:
             if not isinstance(item, dict):
                 raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
             qubes_list = _field(item, "qubes", list, optional=True) or []
+            state = _field(item, "state", str)
+            time_text = _field(item, "time", str)
+            backup_id = _field(item, "backup_id", str, optional=True)
+            if (
+                state not in STATES
+                or not TIME_RE.match(time_text)
+                or (backup_id is not None and not BACKUP_ID_RE.match(backup_id))
+                or not all(isinstance(q, str) and QUBE_RE.match(q) for q in qubes_list)
+                or len(qubes_list) > 1000
+            ):
+                raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
             out.append(
                 Snapshot(
                     id=check_snapshot_id(_field(item, "id", str)),
-                    state=_field(item, "state", str),
-                    time=_field(item, "time", str)[:40],
-                    backup_id=_field(item, "backup_id", str, optional=True),
-                    qubes=[str(q)[:32] for q in qubes_list][:1000],
+                    state=state,
+                    time=time_text,
+                    backup_id=backup_id,
+                    qubes=qubes_list,
                     stream_bytes=_field(item, "stream_bytes", int, optional=True),
                     added_bytes=_field(item, "added_bytes", int, optional=True),
                 )

@@ -11,6 +11,7 @@ import traceback
 from . import shim_install
 from .config import ENGINES, RETENTION_KEYS, load_config, root
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SHIM, QtbError
+from .qubes import printable
 from .ui import print_json
 
 EPILOG = """exit codes: 0 ok, 1 operation failed, 2 bad arguments, 3 not configured (run qtb-pipe init),
@@ -118,7 +119,14 @@ def cmd_restore(args: argparse.Namespace, verify_only: bool = False) -> dict:
         if getattr(args, o.replace("-", "_"), False)
     ]
     result = run_restore(
-        _config(args), args.snapshot, args.qubes, options, verify_only, args.json, args.single_pass
+        _config(args),
+        args.snapshot,
+        args.qubes,
+        options,
+        verify_only,
+        args.json,
+        args.single_pass,
+        args.new_system,
     )
     if not args.json:
         print_report(result)
@@ -136,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> dict:
         if not complete:
             raise QtbError("no complete snapshot to verify: run qtb-pipe backup", 4)
         snapshot = max(complete, key=lambda r: r["time"])["id"]
-    result = run_restore(cfg, snapshot, [], [], True, args.json)
+    result = run_restore(cfg, snapshot, [], [], True, args.json, new_system=args.new_system)
     result["engine_check"] = run_check(cfg, args.read_data_subset)["adapter"]
     if not args.json:
         print_report(result)
@@ -265,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--verify-only", action="store_true", help="check everything, restore nothing")
         s.add_argument(
+            "--new-system",
+            action="store_true",
+            help="dom0 has no record of this snapshot (restoring after a reinstall with the recovery key): "
+            "accept it on its sealed manifest alone",
+        )
+        s.add_argument(
             "--single-pass",
             action="store_true",
             help="skip the verify-only first pass (faster; a bad chunk then stops the restore midway, "
@@ -278,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latest", action="store_true", help="the latest complete snapshot (the default)")
     s.add_argument("--engine", choices=ENGINES)
     s.add_argument("--read-data-subset", metavar="N%|n/t", help="also read this part of the repository data")
+    s.add_argument("--new-system", action="store_true", help="as for restore: no dom0 record of the snapshot")
 
     s = add("list", cmd_list, "snapshots with date, state, sizes, and whether dom0 has a record of them")
     s.add_argument("--engine", choices=ENGINES)
@@ -311,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Exit as e:
         result, code = e.result, e.code
     except QtbError as e:
-        print(f"qtb-pipe: error: {e}", file=sys.stderr)
+        print(f"qtb-pipe: error: {printable(str(e), 1000)}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print("qtb-pipe: interrupted; nothing was committed", file=sys.stderr)

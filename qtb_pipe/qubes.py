@@ -21,6 +21,11 @@ MAX_ERROR_BYTES = 64 * 1024
 PROGRESS_RE = re.compile(rb"Backup progress: ([0-9]+(?:\.[0-9]+)?)%")
 
 
+def printable(text: str, limit: int = 2000) -> str:
+    """Text that may carry bytes from the backup qube, made safe for a terminal."""
+    return re.sub(r"[^\x20-\x7e\n]", "?", text)[:limit]
+
+
 def one_line(raw: bytes, fallback: str = "") -> str:
     """The last meaningful line of untrusted error output, printable ASCII only, bounded."""
     text = raw.decode("ascii", errors="replace")
@@ -37,7 +42,8 @@ class Result:
 
 
 def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20) -> Result:
-    """Run a command, reading at most stdout_limit bytes of its output (more is an error)."""
+    """Run a command, reading at most stdout_limit bytes of its output (more is an error).
+    Its stderr is drained to the end (so it can never block the child) and kept up to a cap."""
     try:
         proc = subprocess.Popen(
             argv,
@@ -48,19 +54,24 @@ def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20
     except FileNotFoundError:
         raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
     err = bytearray()
-    err_reader = threading.Thread(target=lambda: err.extend(proc.stderr.read(MAX_ERROR_BYTES)), daemon=True)
+    err_reader = threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)
     err_reader.start()
     if input is not None:
-        writer = threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True)
-        writer.start()
+        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
     out = proc.stdout.read(stdout_limit + 1)
     if len(out) > stdout_limit:
         proc.kill()
         proc.wait()
         raise QtbError(f"{argv[0]}: output larger than {stdout_limit} bytes, refused", EXIT_FAILED)
     code = proc.wait()
-    err_reader.join(timeout=5)
+    err_reader.join()
     return Result(code, out, bytes(err))
+
+
+def _drain(stream, keep: bytearray) -> None:
+    while chunk := stream.read(65536):
+        if len(keep) < MAX_ERROR_BYTES:
+            keep.extend(chunk[: MAX_ERROR_BYTES - len(keep)])
 
 
 def _feed(pipe, data: bytes) -> None:
@@ -128,17 +139,20 @@ def qvm_backup(
     ]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = bytearray()
-    threading.Thread(target=lambda: out.extend(proc.stdout.read()), daemon=True).start()
+    out_reader = threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True)
+    out_reader.start()
     err = bytearray()
     buf = b""
     while chunk := os.read(proc.stderr.fileno(), 4096):
         err += chunk
+        del err[:-MAX_ERROR_BYTES]
         buf = (buf + chunk)[-256:]
         found = PROGRESS_RE.findall(buf)
         if found:
             on_progress(float(found[-1]))
     code = proc.wait()
-    return Result(code, bytes(out), bytes(err[-MAX_ERROR_BYTES:]))
+    out_reader.join()
+    return Result(code, bytes(out), bytes(err))
 
 
 def qvm_backup_restore(
@@ -155,5 +169,15 @@ def qvm_backup_restore(
         location,
         *qubes,
     ]
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = bytearray(), bytearray()
+    readers = [
+        threading.Thread(target=_drain, args=(s, b), daemon=True)
+        for s, b in ((proc.stdout, out), (proc.stderr, err))
+    ]
+    for r in readers:
+        r.start()
+    code = proc.wait()
+    for r in readers:
+        r.join()
+    return Result(code, bytes(out), bytes(err))

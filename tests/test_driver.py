@@ -77,8 +77,10 @@ def test_backup_restore_whole_world_into_fresh_system(qtb_world, engine: str, fr
     assert summary["engine"] == engine and set(summary["qubes"]) == set(ALL)
     assert summary["stream_bytes"] > 0
     setup_qtb(fresh_world, engine, repo, recovery_key=key)
-    proc = qtb(fresh_world, "restore", summary["snapshot"])
-    assert b"no record of snapshot" in proc.stderr  # a new system: trusted through the sealed manifest
+    proc = qtb(fresh_world, "restore", summary["snapshot"], check=False)
+    assert proc.returncode == 5 and b"--new-system" in proc.stderr  # no dom0 record: explicit consent
+    proc = qtb(fresh_world, "restore", summary["snapshot"], "--new-system")
+    assert b"no record of snapshot" in proc.stderr
     assert fresh_world.digest(*ALL, restored_home=True) == world.digest(*ALL)
 
 
@@ -119,11 +121,11 @@ def test_attacking_backup_qube_is_refused(world: Sim, fresh_world: Sim, attack: 
     before = fresh_world.digest()
     setup_qtb(fresh_world, "restic", repo, recovery_key=key)
     install_attacker(fresh_world, attack)
-    proc = qtb(fresh_world, "restore", snap, check=False)
+    proc = qtb(fresh_world, "restore", snap, "--new-system", check=False)
     assert proc.returncode == 5, proc.stderr.decode()
     assert b"refused" in proc.stderr or b"did not serve" in proc.stderr
     assert fresh_world.digest() == before  # nothing restored: not even a qube created
-    proc = qtb(fresh_world, "verify", snap, check=False)
+    proc = qtb(fresh_world, "verify", snap, "--new-system", check=False)
     assert proc.returncode == 5
 
 
@@ -206,7 +208,7 @@ def test_bad_input_one_line_errors(tmp_path: Path, world: Sim):
     other = make_world(tmp_path / "other", "--bare")
     setup_qtb(other, "restic", repo, recovery_key="ab" * 32)
     snap = qtb_json(world, "list")[0]["id"]
-    proc = qtb(other, "restore", snap, check=False)
+    proc = qtb(other, "restore", snap, "--new-system", check=False)
     assert proc.returncode == 5 and b"manifest" in proc.stderr
     # backup qube not running, not to be started
     config = world.dom0 / "etc/qtb-pipe/config.toml"

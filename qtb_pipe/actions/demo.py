@@ -125,7 +125,7 @@ def run_demo(workdir: str | None, engine_choice: str, as_json: bool, profile: st
             demo.sh(fresh, "qtb-pipe", "init", "--backup-qube", "backup", "--recovery-key", recovery_key)
             demo.sh(fresh, "qtb-pipe", "install-shim")
             demo.setup_backup_qube(fresh, engine, repo, password)
-            demo.sh(fresh, "qtb-pipe", "restore", second["snapshot"], "--engine", engine)
+            demo.sh(fresh, "qtb-pipe", "restore", second["snapshot"], "--engine", engine, "--new-system")
             expected = json.loads(demo.sim("digest", str(world), *second["qubes"], "--json").stdout)
             got = json.loads(
                 demo.sim("digest", str(fresh), *second["qubes"], "--json", "--restored-home").stdout

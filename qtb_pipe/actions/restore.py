@@ -5,6 +5,7 @@ against the manifest before any plaintext reaches dom0's parsers."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from ..runs import Run
 from ..ui import human_bytes, info
 
 
-def fetch_manifest(adapter: Adapter, snapshot_id: str, secret: str, quiet: bool) -> tuple[bytes, dict]:
+def fetch_manifest(
+    adapter: Adapter, snapshot_id: str, secret: str, quiet: bool, new_system: bool
+) -> tuple[bytes, dict]:
     """The snapshot's sealed manifest, verified with the secret and against dom0's record."""
     adapter.find(snapshot_id)
     sealed = adapter.manifest(snapshot_id)
@@ -29,9 +32,16 @@ def fetch_manifest(adapter: Adapter, snapshot_id: str, secret: str, quiet: bool)
         raise QtbError(f"snapshot {snapshot_id}: manifest rejected: {e}", EXIT_VERIFY) from None
     record = load_records().get((adapter.engine, snapshot_id))
     if record is None:
+        # Without dom0's record, any genuine manifest (an older backup too) would verify: make it explicit.
+        if not new_system:
+            raise QtbError(
+                f"dom0 has no record of snapshot {snapshot_id}: if this is a new system restoring with "
+                "the recovery key, add --new-system (then check the backup date it shows)",
+                EXIT_VERIFY,
+            )
         info(
-            f"warning: dom0 has no record of snapshot {snapshot_id} (a new system?); trusting its manifest, "
-            "which is sealed with your secret",
+            f"note: dom0 has no record of snapshot {snapshot_id} (--new-system): it is backup "
+            f"{manifest['backup_id']} of {manifest.get('created', '?')}, authenticated by its manifest",
             quiet,
         )
     elif (
@@ -58,17 +68,20 @@ def _restore_pass(
     sealed: bytes,
     manifest: dict,
     names: list[str],
+    prefixes: list[str],
     options: list[str],
     as_json: bool,
 ) -> set[str]:
-    """One stock qvm-backup-restore run with its own run directory; returns the accepted chunks."""
+    """One stock qvm-backup-restore run with its own run directory; returns the accepted chunks.
+    The shim gets the manifest and the stream prefixes this pass must see, in full and in order."""
     run = Run()
     passphrase_file = run.create(secret)
     write_private(run.dir / "manifest.json", sealed)
+    write_private(run.dir / "selection.json", json.dumps({"prefixes": prefixes}).encode())
     try:
         res = qubes.qvm_backup_restore(cfg.backup_qube, location, str(passphrase_file), options, names)
         if not as_json and res.stdout:
-            sys.stdout.write(res.stdout.decode(errors="replace"))
+            sys.stdout.write(qubes.printable(res.stdout.decode(errors="replace"), 100_000))
         failure = _shim_failure(run)
         if failure:
             raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
@@ -77,12 +90,16 @@ def _restore_pass(
                 f"qvm-backup-restore failed: {qubes.one_line(res.stderr, 'no message')}", EXIT_FAILED
             )
         accepted = {r.path for r in run.records() if r.op == "dec" and r.status == "ok"}
-        wanted = _expected_paths(manifest, names, "--skip-dom0-home" in options)
-        missing = [c["path"] for c in manifest["chunks"] if c["path"] in wanted and c["path"] not in accepted]
+        missing = [
+            c["path"]
+            for c in manifest["chunks"]
+            if c["path"].startswith(tuple(prefixes)) and c["path"] not in accepted
+        ]
         if missing:
+            # Only the tail of the last file can get here (the shim refuses any earlier gap).
             raise QtbError(
                 f"the backup qube did not serve {len(missing)} chunk(s) of the snapshot "
-                f"(first: {missing[0]}); the restore is incomplete",
+                f"(first: {missing[0]}): that qube is incomplete; remove it and restore again",
                 EXIT_VERIFY,
             )
         return accepted
@@ -98,6 +115,7 @@ def run_restore(
     verify_only: bool,
     as_json: bool,
     single_pass: bool = False,
+    new_system: bool = False,
 ) -> dict:
     check_snapshot_id(snapshot_id)
     secret = load_secret()
@@ -110,7 +128,7 @@ def run_restore(
             EXIT_SHIM,
         )
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
-    sealed, manifest = fetch_manifest(adapter, snapshot_id, secret, as_json)
+    sealed, manifest = fetch_manifest(adapter, snapshot_id, secret, as_json, new_system)
     paths: dict[str, str] = manifest.get("paths") or {}
     unknown = [n for n in names if n not in manifest.get("qubes", [])]
     if unknown:
@@ -124,8 +142,17 @@ def run_restore(
         # A first, verify-only pass: a backup qube that serves bad data is refused before
         # qvm-backup-restore creates any qube (the real pass re-checks everything anyway).
         info("qtb-pipe: pass 1/2, verifying every chunk before anything is restored", as_json)
+        everything_selected = _prefixes(manifest, names, options, conflicts=set())
         _restore_pass(
-            cfg, location, secret, sealed, manifest, names, [*options, "--verify-only"], as_json=True
+            cfg,
+            location,
+            secret,
+            sealed,
+            manifest,
+            names,
+            everything_selected,
+            [*options, "--verify-only"],
+            True,
         )
         info("qtb-pipe: pass 2/2, restoring", as_json)
     else:
@@ -134,7 +161,10 @@ def run_restore(
             f"qtb-pipe: {what} snapshot {snapshot_id} ({cfg.engine}, backup {manifest['backup_id']})", as_json
         )
     opts = [*options, "--verify-only"] if verify_only else options
-    accepted = _restore_pass(cfg, location, secret, sealed, manifest, names, opts, as_json)
+    # qubes skipped for a name conflict are not restored, so the shim must not wait for them
+    conflicts = set(qubes.list_qubes()) if "--skip-conflicting" in options and not verify_only else set()
+    prefixes = _prefixes(manifest, names, options, conflicts)
+    accepted = _restore_pass(cfg, location, secret, sealed, manifest, names, prefixes, opts, as_json)
     report = _per_qube(manifest, accepted, paths)
     return {
         "snapshot": snapshot_id,
@@ -145,11 +175,11 @@ def run_restore(
     }
 
 
-def _expected_paths(manifest: dict, names: list[str], skip_dom0_home: bool) -> set[str]:
+def _prefixes(manifest: dict, names: list[str], options: list[str], conflicts: set[str]) -> list[str]:
+    """The stream path prefixes a pass restores: the chosen qubes, less what options skip."""
     paths: dict[str, str] = manifest.get("paths") or {}
-    chosen = names or list(paths)
-    prefixes = [paths[n] for n in chosen if n in paths and not (skip_dom0_home and n == "dom0")]
-    return {c["path"] for c in manifest["chunks"] if c["path"].startswith(tuple(prefixes))}
+    skip = set(conflicts) | ({"dom0"} if "--skip-dom0-home" in options else set())
+    return [paths[n] for n in (names or list(paths)) if n in paths and n not in skip]
 
 
 def _per_qube(manifest: dict, accepted: set[str], paths: dict[str, str]) -> dict:
