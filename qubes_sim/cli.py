@@ -124,7 +124,7 @@ def _make_qube_fs(world: World, name: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     world = World(Path(args.dir))
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    cmd = args.cmd
     if not cmd:
         raise SimError("no command given: qubes-sim run DIR [--in QUBE] -- CMD…", 2)
     if args.inside:
@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run a command in dom0 (default) or in a qube, with that side's PATH/HOME")
     s.add_argument("dir")
     s.add_argument("--in", dest="inside", metavar="QUBE")
-    s.add_argument("cmd", nargs=argparse.REMAINDER)
+    # `--` ends qubes-sim's options: everything after it is the command (split off in main())
+    s.set_defaults(cmd=[])
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("mutate", help="change volumes and dom0 home realistically (incremental tests)")
     s.add_argument("dir")
@@ -258,7 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        args.cmd = command
     try:
         return args.func(args)
     except SimError as e:

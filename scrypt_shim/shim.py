@@ -6,17 +6,17 @@ accepts scrypt 1.3.1's command line and passphrase dialogue byte for byte. The p
 
 * A qtb-pipe passphrase (`backup-header!qtb1:<token>:<secret>` or
   `<backup_id>!<path>!qtb1:<token>:<secret>`, see docs/design.md) selects qtb mode. `enc` copies the
-  data unchanged and appends a 56-byte trailer with an HMAC tag binding secret, path and data, then
-  records the file in the run directory. `dec` verifies the trailer (and, when the driver left a
-  sealed manifest in the run directory, that the file belongs to this backup and arrives in order)
-  before a single plaintext byte reaches the output path.
-* Anything else, and `dec` of a file written by the real scrypt, goes to the real scrypt
-  (REAL_SCRYPT) with the same arguments; a passphrase the shim had to read already is handed over on
-  a pipe so that the caller sees one prompt sequence only.
+  data unchanged, appends a 56-byte trailer whose HMAC tag binds secret, path and data, and records
+  the file in the run directory. `dec` checks the file against the sealed manifest the driver left in
+  the run directory (membership, size, order) and against its tag before a single plaintext byte
+  reaches the output path.
+* Any other passphrase goes to the real scrypt (REAL_SCRYPT) with the same arguments; the passphrase
+  already read is handed over on a pipe, so the caller sees one prompt sequence. A passphrase that
+  holds `qtb1:` but is not a well-formed qtb-pipe one is refused, never handed over.
 
 Standard library only and self-contained: it is copied alone into dom0 (and into the management
-DispVM's template for paranoid-mode restores). The driver imports the key, tag and manifest
-functions from here (`from scrypt_shim import shim`) so they exist exactly once.
+DispVM's template for paranoid-mode restores). The driver imports the key and manifest functions
+from here (`from scrypt_shim import shim`) so they exist exactly once.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import struct
 import sys
 import tempfile
 import termios
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -50,18 +50,25 @@ TRAILER_MAGIC = b"QTBPIPE1"
 TRAILER_SIZE = 56  # magic (8) + kcv (8) + data length u64be (8) + tag (32)
 SCRYPT_MAGIC = b"scrypt"  # first bytes of every file the real scrypt writes
 HEADER_PATH = "backup-header"
+QUBES_XML_FILE = "qubes.xml"  # chunk path qubes.xml.000
 MANIFEST_FORMAT = "qtb-pipe-manifest-1"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024  # a Qubes backup-header is a few hundred bytes
+MAX_TRAILER_CANDIDATES = 64  # displaced-trailer search (emergency mode only): candidates tried
 MAXPASSLEN = 2048  # scrypt reads a passphrase line with fgets(buf, 2048): at most 2047 bytes
 COPY_BUFFER_BYTES = 1024 * 1024
 
 PROMPT = "Please enter passphrase"
 CONFIRM_PROMPT = "Please confirm passphrase"
+USER_PART_MARK = "qtb1:"
 USER_PART_RE = re.compile(r"qtb1:([0-9a-f]{32}):([0-9a-f]{64})")
 BACKUP_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}-[0-9]+")
 CHUNK_RE = re.compile(r"(?P<file>.+)\.(?P<index>[0-9]{3,})")
 HEX_TAG_RE = re.compile(r"[0-9a-f]{64}")
+# The sealed manifest, byte for byte: SEALED_PREFIX + canonical(body) + ',"seal":"<64 hex>"}'
+SEALED_PREFIX = b'{"manifest":'
+SEALED_SUFFIX_RE = re.compile(rb',"seal":"([0-9a-f]{64})"\}')
+SEALED_SUFFIX_SIZE = 75
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,23 +76,23 @@ HEX_TAG_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class ShimError(Exception):
-    """Base class: something the shim refuses to do, with a one-line reason."""
+    """Something the shim refuses to do; the message is the one-line reason shown on stderr."""
 
 
 class QtbPassphraseError(ShimError):
-    """The passphrase ends in a qtb-pipe user part but the Qubes prefix around it is malformed."""
+    """A passphrase that holds (or may hold) a qtb-pipe user part but is not a well-formed one."""
 
 
 class VerificationError(ShimError):
-    """Data, trailer or manifest failed a check; the message is the reason shown to the user."""
+    """Data, trailer, manifest or order failed a check."""
 
 
 class ManifestError(VerificationError):
-    """The sealed manifest is malformed, too large or its seal does not verify."""
+    """The sealed manifest (or the run's selection) is missing, malformed, too large or forged."""
 
 
 # ----------------------------------------------------------------------------------------------------
-# Keys, passphrase, tags, trailer, manifest: the functions the driver imports
+# Keys, passphrase, tags, trailer, manifest (design.md)
 
 
 @dataclass(frozen=True)
@@ -121,26 +128,28 @@ class QtbPassphrase:
 
 def make_user_passphrase(token: str, secret: bytes) -> str:
     """The passphrase the driver hands to qvm-backup / qvm-backup-restore for one run."""
-    passphrase = f"qtb1:{token}:{secret.hex()}"
+    passphrase = f"{USER_PART_MARK}{token}:{secret.hex()}"
     if not USER_PART_RE.fullmatch(passphrase):
         raise ValueError("token must be 32 lowercase hex digits and the secret 32 bytes")
     return passphrase
 
 
 def parse_qtb_passphrase(passphrase: bytes | str) -> QtbPassphrase | None:
-    """Return the qtb-pipe parts of a per-file passphrase, or None if it is not a qtb-pipe one.
+    """The qtb-pipe parts of a per-file passphrase; None only if it does not contain `qtb1:` at all.
 
-    Qubes builds `backup-header!<P>` or `<backup_id>!<path>!<P>`; P is qtb-pipe's iff the text after
-    the last `!` is exactly `qtb1:<32 hex>:<64 hex>` (lowercase, as the driver writes it). Such a
-    passphrase with a malformed prefix raises QtbPassphraseError rather than silently going to the
-    real scrypt, which would produce an unrecorded backup.
+    Qubes builds `backup-header!<P>` or `<backup_id>!<path>!<P>`. A passphrase holding `qtb1:` must
+    end in exactly `qtb1:<32 hex>:<64 hex>` (lowercase, as the driver writes it) after a well-formed
+    prefix, else QtbPassphraseError: handing it to the real scrypt could leak (part of) the secret,
+    or produce an unrecorded backup.
     """
     if isinstance(passphrase, bytes):
         passphrase = passphrase.decode("utf-8", "surrogateescape")  # undecodable bytes fail below
+    if USER_PART_MARK not in passphrase:
+        return None
     prefix, bang, user_part = passphrase.rpartition("!")
     match = USER_PART_RE.fullmatch(user_part)
     if match is None:
-        return None
+        raise QtbPassphraseError("passphrase holds 'qtb1:' but does not end in a well-formed qtb-pipe part")
     token, secret_hex = match.groups()
     secret = bytes.fromhex(secret_hex)
     try:
@@ -154,19 +163,10 @@ def parse_qtb_passphrase(passphrase: bytes | str) -> QtbPassphrase | None:
     backup_id, _, path = prefix.partition("!")
     if not BACKUP_ID_RE.fullmatch(backup_id):
         raise QtbPassphraseError(f"qtb-pipe passphrase with a malformed backup id {backup_id!r}")
-    if not _is_safe_member_path(path):
+    parts = path.split("/")
+    if "\0" in path or any(part in ("", ".", "..") for part in parts):
         raise QtbPassphraseError(f"qtb-pipe passphrase with a malformed file path {path!r}")
     return QtbPassphrase(path, backup_id, token, secret)
-
-
-def _is_safe_member_path(path: str) -> bool:
-    parts = path.split("/")
-    return (
-        bool(path)
-        and "\0" not in path
-        and not path.startswith("/")
-        and all(part not in ("", ".", "..") for part in parts)
-    )
 
 
 class TagHasher:
@@ -217,65 +217,38 @@ def seal_chunk(secret: bytes, path: str, data: bytes) -> bytes:
     return data + make_trailer(keys, len(data), compute_tag(keys.chunk_key, path, data))
 
 
-def open_chunk(secret: bytes, path: str, blob: bytes) -> bytes:
-    """Check one shim output on its own (kcv, size, tag) and return its data; raise VerificationError."""
-    keys = derive_keys(secret)
-    trailer = parse_trailer(blob[-TRAILER_SIZE:])
-    if trailer is None:
-        raise VerificationError("no qtb-pipe trailer at the end: truncated, or not a qtb-pipe file")
-    data = blob[:-TRAILER_SIZE]
-    _check_trailer(keys, trailer, len(data))
-    if not hmac.compare_digest(compute_tag(keys.chunk_key, path, data), trailer.tag):
-        raise VerificationError("tampered or not this file's path (tag mismatch)")
-    return data
-
-
-def _check_trailer(keys: Keys, trailer: Trailer, data_size: int) -> None:
-    if not hmac.compare_digest(trailer.kcv, keys.kcv):
-        raise VerificationError("wrong key (written with another qtb-pipe secret)")
-    if trailer.size > data_size:
-        raise VerificationError(f"truncated ({data_size} data bytes, trailer says {trailer.size})")
-    if trailer.size < data_size:
-        raise VerificationError(f"appended data ({data_size} data bytes, trailer says {trailer.size})")
-
-
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def seal_manifest(secret: bytes, manifest: dict[str, Any]) -> bytes:
-    """Serialise `{"manifest": manifest, "seal": hex HMAC(manifest_key, canonical(manifest))}`."""
-    seal = _hmac(derive_keys(secret).manifest_key, canonical_json(manifest)).hex()
-    return canonical_json({"manifest": manifest, "seal": seal})
+    """`{"manifest":<canonical body>,"seal":"<hex HMAC(manifest_key, canonical body)>"}`, exactly."""
+    body = canonical_json(manifest)
+    seal = _hmac(derive_keys(secret).manifest_key, body).hex().encode()
+    return SEALED_PREFIX + body + b',"seal":"' + seal + b'"}'
 
 
 def verify_manifest(secret: bytes, data: bytes) -> dict[str, Any]:
-    """Check a sealed manifest's size, seal and shape; return its body. Raises ManifestError."""
+    """Check a sealed manifest's size, form and seal over the raw bytes, then parse it. ManifestError."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        sealed = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest is not JSON ({exc})") from None
-    if not isinstance(sealed, dict) or set(sealed) != {"manifest", "seal"}:
-        raise ManifestError("manifest is not a {manifest, seal} object")
-    body, seal = sealed["manifest"], sealed["seal"]
-    if not isinstance(seal, str) or not HEX_TAG_RE.fullmatch(seal):
-        raise ManifestError("manifest seal is not 64 hex digits")
-    expected = _hmac(derive_keys(secret).manifest_key, canonical_json(body)).hex()
-    if not hmac.compare_digest(seal, expected):
+    body, suffix = data[len(SEALED_PREFIX) : -SEALED_SUFFIX_SIZE], data[-SEALED_SUFFIX_SIZE:]
+    seal = SEALED_SUFFIX_RE.fullmatch(suffix)
+    if seal is None or not data.startswith(SEALED_PREFIX) or len(data) < len(SEALED_PREFIX) + len(suffix):
+        raise ManifestError('manifest is not in the sealed form {"manifest":…,"seal":"<64 hex>"}')
+    expected = _hmac(derive_keys(secret).manifest_key, body).hex().encode()
+    if not hmac.compare_digest(seal[1], expected):
         raise ManifestError("manifest seal does not verify (forged, or sealed with another secret)")
-    _check_manifest_shape(body)
-    return body
-
-
-def _check_manifest_shape(body: Any) -> None:
+    try:
+        manifest = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError(f"manifest is not JSON ({exc})") from None
     # A valid seal means the driver wrote it; the shape check guards against driver bugs only.
-    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"manifest format is not {MANIFEST_FORMAT}")
-    if not isinstance(body.get("backup_id"), str) or not isinstance(body.get("chunks"), list):
+    if not isinstance(manifest.get("backup_id"), str) or not isinstance(manifest.get("chunks"), list):
         raise ManifestError("manifest lacks backup_id or chunks")
-    for chunk in body["chunks"]:
+    for chunk in manifest["chunks"]:
         if not (
             isinstance(chunk, dict)
             and isinstance(chunk.get("path"), str)
@@ -285,6 +258,7 @@ def _check_manifest_shape(body: Any) -> None:
             and HEX_TAG_RE.fullmatch(chunk["tag"])
         ):
             raise ManifestError(f"malformed manifest chunk entry {chunk!r:.200}")
+    return manifest
 
 
 def split_chunk_path(path: str) -> tuple[str, int | None]:
@@ -439,15 +413,19 @@ class PassphraseUnavailable(Exception):
 
 
 def _read_line(fd: int) -> bytes | None:
-    """fgets(buf, 2048, ...) without read-ahead: the rest of stdin stays for the data or the real scrypt."""
+    """fgets(buf, 2048, ...) without read-ahead: the rest of stdin stays for the data or the real scrypt.
+
+    Where fgets would cut a longer line, the shim refuses instead: the lost part may be a qtb-pipe
+    user part, and a cut one must never reach the real scrypt.
+    """
     line = bytearray()
-    while len(line) < MAXPASSLEN - 1:
+    while not line.endswith(b"\n"):
+        if len(line) == MAXPASSLEN - 1:
+            raise QtbPassphraseError(f"passphrase line longer than {MAXPASSLEN - 2} bytes; refused")
         byte = os.read(fd, 1)
         if not byte:
             break
         line += byte
-        if byte == b"\n":
-            break
     return bytes(line) if line else None
 
 
@@ -539,7 +517,7 @@ def read_passphrase(invocation: Invocation) -> bytes | None:
 # Handing over to the real scrypt
 
 
-def exec_real_scrypt(argv: list[str], pass_fds: Iterable[int] = ()) -> NoReturn:
+def exec_real_scrypt(argv: list[str], pass_fd: int | None = None) -> NoReturn:
     """Replace this process by the real scrypt; never fall back to pass-through when it is missing."""
     problem = None
     if not (os.path.isfile(REAL_SCRYPT) and os.access(REAL_SCRYPT, os.X_OK)):
@@ -547,10 +525,10 @@ def exec_real_scrypt(argv: list[str], pass_fds: Iterable[int] = ()) -> NoReturn:
     elif os.path.realpath(REAL_SCRYPT) == os.path.realpath(__file__):
         problem = "is this shim itself"
     if problem is None:
-        for fd in pass_fds:
-            os.set_inheritable(fd, True)
+        if pass_fd is not None:
+            os.set_inheritable(pass_fd, True)
         try:
-            os.execv(REAL_SCRYPT, [argv[0], *argv[1:]])
+            os.execv(REAL_SCRYPT, argv)
         except OSError as exc:
             problem = f"cannot be run ({exc.strerror})"
     _say(f"qtb-pipe shim: the real scrypt {REAL_SCRYPT} {problem}; only qtb-pipe passphrases work without it")
@@ -570,24 +548,12 @@ def hand_over(argv: list[str], invocation: Invocation, passphrase: bytes) -> NoR
     os.write(write_end, passphrase + b"\n" if len(passphrase) < MAXPASSLEN - 1 else passphrase)
     os.close(write_end)
     operands = [invocation.infile] + ([invocation.outfile] if invocation.outfile is not None else [])
-    new_argv = [
-        argv[0],
-        invocation.mode,
-        *invocation.options,
-        "--passphrase",
-        f"file:/dev/fd/{read_end}",
-        "--",
-        *operands,
-    ]
-    exec_real_scrypt(new_argv, pass_fds=[read_end])
+    new_argv = [argv[0], invocation.mode, *invocation.options, "--passphrase", f"file:/dev/fd/{read_end}"]
+    exec_real_scrypt([*new_argv, "--", *operands], pass_fd=read_end)
 
 
 # ----------------------------------------------------------------------------------------------------
-# qtb mode: files and records
-
-
-class Failure(Exception):
-    """A qtb-mode failure: one line on stderr, a failed record when possible, exit status 1."""
+# qtb mode: run directory, records, output
 
 
 def _run_dir(token: str) -> str:
@@ -599,8 +565,7 @@ def append_record(run_dir: str, record: dict[str, Any]) -> None:
     path = os.path.join(run_dir, "records.jsonl")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        info = os.fstat(fd)
-        if info.st_size == 0 and os.geteuid() == 0:
+        if os.fstat(fd).st_size == 0 and os.geteuid() == 0:
             # qubesd runs the shim as root, the driver reads records as the user owning the run dir.
             owner = os.stat(run_dir)
             os.fchown(fd, owner.st_uid, owner.st_gid)
@@ -608,6 +573,13 @@ def append_record(run_dir: str, record: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _try_append(run_dir: str, record: dict[str, Any]) -> None:
+    try:
+        append_record(run_dir, record)
+    except OSError:
+        pass  # the failure already makes the run incomplete: the driver finds no ok record
 
 
 def read_records(run_dir: str) -> list[dict[str, Any]]:
@@ -646,12 +618,12 @@ class Output:
         try:
             info = os.stat(outfile)
         except FileNotFoundError:
-            info = None
+            return
         except OSError as exc:
-            raise Failure(f"Cannot open output file: {outfile}: {exc.strerror}") from None
-        if info is not None and stat.S_ISDIR(info.st_mode):
-            raise Failure(f"Cannot open output file: {outfile}: Is a directory")
-        self.direct = info is not None and not stat.S_ISREG(info.st_mode)
+            raise ShimError(f"Cannot open output file: {outfile}: {exc.strerror}") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise ShimError(f"Cannot open output file: {outfile}: Is a directory")
+        self.direct = not stat.S_ISREG(info.st_mode)
 
     def open(self) -> None:
         if self.outfile is None:
@@ -670,9 +642,9 @@ class Output:
                     continue
                 self.temp_path = candidate
                 return
-            raise Failure(f"Cannot open output file: {self.outfile}: no free temporary name")
+            raise ShimError(f"Cannot open output file: {self.outfile}: no free temporary name")
         except OSError as exc:
-            raise Failure(f"Cannot open output file: {self.outfile}: {exc.strerror}") from None
+            raise ShimError(f"Cannot open output file: {self.outfile}: {exc.strerror}") from None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -680,7 +652,7 @@ class Output:
             while view:
                 view = view[os.write(self.fd, view) :]
         except OSError as exc:
-            raise Failure(f"Cannot write output file: {self.outfile or 'stdout'}: {exc.strerror}") from None
+            raise ShimError(f"Cannot write output file: {self.outfile or 'stdout'}: {exc.strerror}") from None
 
     def commit(self, durable: bool) -> None:
         if durable:
@@ -717,37 +689,19 @@ class Output:
         self.temp_path = self.committed_path = None
 
 
-def _enlarge_pipe(fd: int) -> None:
-    # Fewer, larger reads from qubesd's pipe; refused above /proc/sys/fs/pipe-max-size, which is fine.
-    try:
-        import fcntl
-
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, COPY_BUFFER_BYTES)
-    except (OSError, AttributeError, ImportError):
-        pass
-
-
-Sink = Callable[[memoryview], Any]
-
-
-def copy_stream(in_fd: int, limit: int | None, sinks: Iterable[Sink]) -> int:
+def copy_stream(in_fd: int, limit: int | None, *sinks: Callable[[memoryview], object]) -> None:
     """Read `in_fd` (up to `limit` bytes) into one reused buffer, handing every piece to each sink."""
-    buffer = bytearray(COPY_BUFFER_BYTES)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(COPY_BUFFER_BYTES))
     reader = open(in_fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - must not close in_fd
-    sinks = list(sinks)  # iterated once per buffer
     total = 0
     while limit is None or total < limit:
         wanted = COPY_BUFFER_BYTES if limit is None else min(COPY_BUFFER_BYTES, limit - total)
         count = reader.readinto(view[:wanted])
         if not count:
             break
-        piece = view[:count]
         for sink in sinks:
-            sink(piece)
+            sink(view[:count])
         total += count
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -766,18 +720,17 @@ def qtb_enc(invocation: Invocation, qtb: QtbPassphrase, in_fd: int) -> int:
         output.open()
         hasher = TagHasher(keys.chunk_key, qtb.path)
         header = bytearray()
-        sinks: list[Sink] = [hasher.update, output.write]
+        sinks = [hasher.update, output.write]
         if qtb.path == HEADER_PATH:
             sinks.append(lambda piece: header.extend(piece[: MAX_HEADER_BYTES - len(header)]))
-        _enlarge_pipe(in_fd)
         try:
-            copy_stream(in_fd, None, sinks)
+            copy_stream(in_fd, None, *sinks)
         except OSError as exc:
-            raise Failure(f"Error reading input: {exc.strerror}") from None
+            raise ShimError(f"Error reading input: {exc.strerror}") from None
         tag = hasher.finish()
         backup_id = qtb.backup_id if qtb.backup_id is not None else header_backup_id(bytes(header))
         if backup_id is None:
-            raise Failure("backup-header has no backup-id= line")
+            raise ShimError("backup-header has no backup-id= line")
         output.write(make_trailer(keys, hasher.size, tag))
         output.commit(durable=True)
         record = {
@@ -789,8 +742,8 @@ def qtb_enc(invocation: Invocation, qtb: QtbPassphrase, in_fd: int) -> int:
             "status": "ok",
         }
         append_record(run_dir, record)  # only after the output is complete and durable (design.md)
-    except (Failure, OSError) as exc:
-        reason = str(exc) if isinstance(exc, Failure) else f"{exc.strerror}: {exc.filename or 'output'}"
+    except (ShimError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, ShimError) else f"{exc.strerror}: {exc.filename or 'output'}"
         if output is not None:
             output.discard()
         _say(f"qtb-pipe: {qtb.path}: {reason}")
@@ -799,199 +752,231 @@ def qtb_enc(invocation: Invocation, qtb: QtbPassphrase, in_fd: int) -> int:
     return 0
 
 
-def _try_append(run_dir: str, record: dict[str, Any]) -> None:
-    try:
-        append_record(run_dir, record)
-    except OSError:
-        pass  # the failure already makes the run incomplete: the driver finds no ok record
-
-
 # ----------------------------------------------------------------------------------------------------
 # qtb mode: dec
 
 
-def _spool_to_temp_file(in_fd: int) -> int:
-    """Copy a non-seekable input to an anonymous temp file: dec must verify all of it before output."""
-    spool = tempfile.TemporaryFile(prefix="qtb-pipe-dec-")  # noqa: SIM115 - the fd outlives this scope
-    copy_stream(in_fd, None, [spool.write])
-    spool.flush()
-    fd = os.dup(spool.fileno())
-    spool.close()
-    return fd
-
-
-def _load_manifest(run_dir: str, secret: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest body, None), (None, error) or (None, None) when no manifest was provided."""
-    path = os.path.join(run_dir, "manifest.json")
+def _read_run_file(run_dir: str, name: str) -> bytes | None:
+    """A file the driver left in the run directory (at most MAX_MANIFEST_BYTES + 1 bytes); None if absent."""
+    path = os.path.join(run_dir, name)
     try:
-        with open(path, "rb") as manifest_file:
-            data = manifest_file.read(MAX_MANIFEST_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None
-    except OSError as exc:
-        return None, f"cannot read {path}: {exc.strerror}"
-    try:
-        return verify_manifest(secret, data), None
-    except ManifestError as exc:
-        return None, str(exc)
-
-
-def _find_displaced_trailer(in_fd: int, total: int, keys: Keys) -> int | None:
-    """Offset of a valid-looking trailer followed by extra bytes, to report "appended data" precisely."""
-    if total < TRAILER_SIZE:
+        with open(path, "rb") as run_file:
+            return run_file.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
         return None
-    with mmap.mmap(in_fd, total, prot=mmap.PROT_READ) as mapped:
-        position = mapped.rfind(TRAILER_MAGIC + keys.kcv)
-        while position >= 0:
-            (size,) = struct.unpack(">Q", mapped[position + 16 : position + 24])
-            if size == position and position + TRAILER_SIZE <= total:
-                return position
-            position = mapped.rfind(TRAILER_MAGIC + keys.kcv, 0, position)
-    return None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@dataclass
+class RunManifest:
+    """The verified manifest of a restore/verify run and what this pass must restore."""
+
+    body: dict[str, Any]
+    files: dict[str, list[str]]  # file name -> its chunk paths, both in manifest (stream) order
+    expected: set[str]  # the files this pass must restore (selection.json)
+
+
+def load_run_manifest(run_dir: str, secret: bytes) -> RunManifest:
+    """manifest.json (required: a run directory without it fails closed) and selection.json."""
+    data = _read_run_file(run_dir, "manifest.json")
+    if data is None:
+        raise ManifestError("the run directory has no manifest.json; refusing to check less")
+    body = verify_manifest(secret, data)
+    files: dict[str, list[str]] = {}
+    for chunk in body["chunks"]:
+        files.setdefault(split_chunk_path(chunk["path"])[0], []).append(chunk["path"])
+    raw = _read_run_file(run_dir, "selection.json")
+    if raw is None:
+        return RunManifest(body, files, set(files))
+    try:
+        prefixes = json.loads(raw)["prefixes"]
+        well_formed = isinstance(prefixes, list) and all(isinstance(p, str) for p in prefixes)
+    except (ValueError, RecursionError, TypeError, KeyError):
+        well_formed = False
+    if not well_formed:
+        raise ManifestError('selection.json is not {"prefixes": [strings]}')
+    prefix_tuple = tuple(prefixes)
+    expected = {HEADER_PATH, QUBES_XML_FILE}
+    expected |= {name for name, paths in files.items() if any(p.startswith(prefix_tuple) for p in paths)}
+    return RunManifest(body, files, expected)
 
 
 def check_against_manifest(
-    qtb: QtbPassphrase, size: int, tag: bytes, manifest: dict[str, Any], records: list[dict[str, Any]]
-) -> None:
-    """Membership and ordering rules of design.md ("Restore/verify"); raise VerificationError."""
-    if qtb.backup_id is not None and qtb.backup_id != manifest["backup_id"]:
+    qtb: QtbPassphrase, manifest: RunManifest, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Membership and order rules (design.md, "Run directories"); returns the chunk's manifest entry."""
+    backup_id = manifest.body["backup_id"]
+    if qtb.backup_id is not None and qtb.backup_id != backup_id:
         raise VerificationError(
-            f"not from this backup (passphrase names backup {qtb.backup_id}, "
-            f"manifest is for {manifest['backup_id']})"
+            f"not from this backup (passphrase names backup {qtb.backup_id}, manifest is for {backup_id})"
         )
-    entries = {chunk["path"]: chunk for chunk in manifest["chunks"]}
-    chunks_of_file: dict[str, list[str]] = {}
-    for path in entries:
-        chunks_of_file.setdefault(split_chunk_path(path)[0], []).append(path)
-    entry = entries.get(qtb.path)
+    entry = next((chunk for chunk in manifest.body["chunks"] if chunk["path"] == qtb.path), None)
     if entry is None:
         raise VerificationError("not from this backup (no such file in the manifest)")
-    if entry["size"] != size or not hmac.compare_digest(entry["tag"], tag.hex()):
-        raise VerificationError("not from this backup (size or tag differ from the manifest)")
-
     accepted = {r.get("path") for r in records if r.get("op") == "dec" and r.get("status") == "ok"}
     file_name, index = split_chunk_path(qtb.path)
-    if index is not None and index > 0:
+    if index:  # chunk k >= 1 comes right after chunk k-1
         previous = f"{file_name}.{index - 1:03d}"
         if previous not in accepted:
             raise VerificationError(f"out of order: {previous} was not accepted before it")
-    started = {split_chunk_path(path)[0] for path in accepted if isinstance(path, str)}
-    if file_name in started:
-        return
-    for other in sorted(started):
-        missing = [p for p in chunks_of_file.get(other, []) if p not in accepted]
-        if missing:
+        return entry
+    for other, paths in manifest.files.items():  # a first chunk: every expected file before it is done
+        if other == file_name:
+            break
+        missing = next((path for path in paths if path not in accepted), None)
+        if other in manifest.expected and missing is not None:
             raise VerificationError(
-                f"out of order: starts a new file before {other} is complete (missing {missing[0]})"
+                f"out of order: {other} was not served before {file_name} (missing {missing})"
             )
+    return entry
+
+
+def _trailer_at(in_fd: int, offset: int) -> Trailer | None:
+    return parse_trailer(os.pread(in_fd, TRAILER_SIZE, offset)) if offset >= 0 else None
+
+
+def _ends_data(trailer: Trailer | None, keys: Keys, offset: int) -> bool:
+    """Is this a trailer of ours that belongs exactly at `offset` (its length field says so)?"""
+    return trailer is not None and trailer.kcv == keys.kcv and trailer.size == offset
+
+
+def _wrong_size(in_fd: int, total: int, expected: int, trailer: Trailer | None, keys: Keys) -> ShimError:
+    """The file is not as long as its manifest entry says: why, as precisely as two small reads tell."""
+    expected_total = expected + TRAILER_SIZE
+    if total > expected_total and _ends_data(_trailer_at(in_fd, expected), keys, expected):
+        return VerificationError(f"appended data ({total - expected_total} bytes after the trailer)")
+    if _ends_data(trailer, keys, total - TRAILER_SIZE):
+        return VerificationError(
+            f"not from this backup ({total - TRAILER_SIZE} data bytes, the manifest says {expected})"
+        )
+    word = "truncated" if total < expected_total else "appended data"
+    return VerificationError(f"{word} ({total} bytes, expected {expected_total})")
+
+
+def _find_displaced_trailer(in_fd: int, total: int, keys: Keys) -> int | None:
+    """Offset of a trailer followed by extra bytes, to report "appended data" without a manifest.
+
+    Only the last MAX_TRAILER_CANDIDATES occurrences of magic+kcv are tried: a crafted file must not
+    make this walk millions of them.
+    """
+    if total < TRAILER_SIZE:
+        return None
+    needle = TRAILER_MAGIC + keys.kcv
+    with mmap.mmap(in_fd, total, prot=mmap.PROT_READ) as mapped:
+        end = total - TRAILER_SIZE + len(needle)  # a trailer must fit before the end
+        for _ in range(MAX_TRAILER_CANDIDATES):
+            position = mapped.rfind(needle, 0, end)
+            if position < 0:
+                return None
+            if struct.unpack_from(">Q", mapped, position + 16)[0] == position:
+                return position
+            end = position + len(needle) - 1
+    return None
+
+
+def _spool_to_temp_file(in_fd: int) -> int:
+    """Copy a non-seekable input to an anonymous temp file: dec must verify all of it before output."""
+    with tempfile.TemporaryFile(prefix="qtb-pipe-dec-") as spool:  # unlinked, 0600
+        copy_stream(in_fd, None, spool.write)
+        spool.flush()
+        return os.dup(spool.fileno())
+
+
+def _exists(path: str) -> bool:
+    """False only when nothing is there: an unreadable run directory must fail closed, not skip checks."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def qtb_dec(invocation: Invocation, qtb: QtbPassphrase, in_fd: int) -> int:
     run_dir = _run_dir(qtb.token)
-    have_run_dir = os.path.isdir(run_dir)
+    have_run_dir = _exists(run_dir)  # none at all: emergency restore, the chunk's own tag only
     label = f"qtb-pipe: {qtb.path} ({invocation.infile})"
     output: Output | None = None
-    size: int | None = None
+    size: int | None = None  # the data size a trailer at the end implies, for a failed record
     try:
         try:
             output = Output(invocation.outfile)
             if in_fd == 0 or not stat.S_ISREG(os.fstat(in_fd).st_mode):
                 in_fd = _spool_to_temp_file(in_fd)  # stdin may be a pipe, or a file not at offset 0
             total = os.fstat(in_fd).st_size
+            if os.pread(in_fd, len(SCRYPT_MAGIC), 0) == SCRYPT_MAGIC:
+                # a qtb-pipe file whose data starts with "scrypt" still ends in our trailer magic
+                tail = os.pread(in_fd, len(TRAILER_MAGIC), max(total - TRAILER_SIZE, 0))
+                if total < TRAILER_SIZE or tail != TRAILER_MAGIC:
+                    raise VerificationError("is a real-scrypt file, never part of a qtb-pipe backup")
+            trailer = _trailer_at(in_fd, total - TRAILER_SIZE)
         except OSError as exc:
-            raise Failure(f"Error reading input: {exc.strerror}") from None
+            raise ShimError(f"Error reading input: {exc.strerror}") from None
         keys = derive_keys(qtb.secret)
-        manifest, manifest_error = (None, None)
-        if have_run_dir:
-            manifest, manifest_error = _load_manifest(run_dir, qtb.secret)
-
-        trailer = (
-            parse_trailer(os.pread(in_fd, TRAILER_SIZE, total - TRAILER_SIZE))
-            if total >= TRAILER_SIZE
-            else None
-        )
+        size = None if trailer is None else total - TRAILER_SIZE
+        entry: dict[str, Any] | None = None
+        if have_run_dir:  # cheap checks first: nothing is hashed for a chunk the manifest rules out
+            entry = check_against_manifest(qtb, load_run_manifest(run_dir, qtb.secret), read_records(run_dir))
+            if total != entry["size"] + TRAILER_SIZE:
+                raise _wrong_size(in_fd, total, entry["size"], trailer, keys)
         if trailer is None:
-            _explain_missing_trailer(in_fd, total, keys, qtb, manifest)
-        assert trailer is not None
-        size = total - TRAILER_SIZE
-        _check_trailer(keys, trailer, size)
+            if entry is not None:  # the length is right, so the trailer itself was damaged
+                raise VerificationError("tampered (qtb-pipe trailer damaged)")
+            displaced = _find_displaced_trailer(in_fd, total, keys)
+            if displaced is not None:
+                raise VerificationError(
+                    f"appended data ({total - displaced - TRAILER_SIZE} bytes after the trailer)"
+                )
+            raise VerificationError("no qtb-pipe trailer at the end: truncated, or not a qtb-pipe file")
+        if not hmac.compare_digest(trailer.kcv, keys.kcv):
+            raise VerificationError("wrong key (written with another qtb-pipe secret)")
+        if trailer.size != size:
+            word = "truncated" if trailer.size > size else "appended data"
+            raise VerificationError(f"{word} ({size} data bytes, trailer says {trailer.size})")
 
         # Stream once: hash, and (for a renameable output) write a temp file that only a full match keeps.
         hasher = TagHasher(keys.chunk_key, qtb.path)
-        sinks: list[Sink] = [hasher.update]
+        sinks = [hasher.update]
         if not output.direct:
             output.open()
             sinks.append(output.write)
         os.lseek(in_fd, 0, os.SEEK_SET)
-        copy_stream(in_fd, size, sinks)
+        copy_stream(in_fd, size, *sinks)
         if hasher.size != size or not hmac.compare_digest(hasher.finish(), trailer.tag):
             raise VerificationError("tampered or not this file's path (tag mismatch)")
-
-        if manifest_error is not None:
-            raise VerificationError(manifest_error)
-        if manifest is not None:
-            check_against_manifest(qtb, size, trailer.tag, manifest, read_records(run_dir))
-        else:
+        if entry is not None and not hmac.compare_digest(entry["tag"], trailer.tag.hex()):
+            raise VerificationError("not from this backup (tag differs from the manifest)")
+        if entry is None:
             _say(
-                f"{label}: warning: no qtb-pipe manifest for this run; checked the file's own tag only "
+                f"{label}: warning: no qtb-pipe run directory; checked the file's own tag only "
                 "(a chunk of another backup, reordered or missing chunks cannot be detected)"
             )
 
         if output.direct:  # stdout or a special file: now verified, copy it there
             output.open()
             os.lseek(in_fd, 0, os.SEEK_SET)
-            copy_stream(in_fd, size, [output.write])
+            copy_stream(in_fd, size, output.write)
         output.commit(durable=False)
         if have_run_dir:
             append_record(run_dir, {"op": "dec", "path": qtb.path, "size": size, "status": "ok"})
-    except (Failure, VerificationError, OSError) as exc:
-        reason = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}"
+    except (ShimError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, ShimError) else exc.strerror
         if output is not None:
             output.discard()
         _say(f"{label}: {reason}")
         if have_run_dir:
             record: dict[str, Any] = {"op": "dec", "path": qtb.path, "status": "failed", "error": reason}
             if size is not None:
-                record["size"] = size  # the data size the trailer position implies
+                record["size"] = size
             _try_append(run_dir, record)
         return 1
     return 0
 
 
-def _explain_missing_trailer(
-    in_fd: int, total: int, keys: Keys, qtb: QtbPassphrase, manifest: dict[str, Any] | None
-) -> NoReturn:
-    """No trailer at the end: say whether bytes were cut off or added, as precisely as we can."""
-    displaced = _find_displaced_trailer(in_fd, total, keys)
-    if displaced is not None:
-        raise VerificationError(f"appended data ({total - displaced - TRAILER_SIZE} bytes after the trailer)")
-    expected = None
-    if manifest is not None:
-        expected = next((c["size"] for c in manifest["chunks"] if c["path"] == qtb.path), None)
-    if expected is not None and total < expected + TRAILER_SIZE:
-        raise VerificationError(f"truncated ({total} bytes, expected {expected + TRAILER_SIZE})")
-    if expected is not None and total > expected + TRAILER_SIZE:
-        raise VerificationError(f"appended data ({total} bytes, expected {expected + TRAILER_SIZE})")
-    if expected is not None:
-        raise VerificationError("tampered (qtb-pipe trailer damaged)")
-    raise VerificationError("no qtb-pipe trailer at the end: truncated, or not a qtb-pipe file")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Entry point
-
-
-def written_by_real_scrypt(fd: int) -> bool:
-    """A regular file starting with scrypt's magic and not ending in a qtb-pipe trailer.
-
-    The trailer test keeps a qtb-pipe file whose data happens to start with "scrypt" ours; a real
-    scrypt file ends in an HMAC, which matches the trailer magic with probability 2^-64.
-    """
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or os.pread(fd, len(SCRYPT_MAGIC), 0) != SCRYPT_MAGIC:
-        return False
-    trailer_start = info.st_size - TRAILER_SIZE
-    return trailer_start < 0 or os.pread(fd, len(TRAILER_MAGIC), trailer_start) != TRAILER_MAGIC
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1012,23 +997,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise IsADirectoryError
         except OSError:
             exec_real_scrypt(argv)  # it prints "Cannot open input file: ..." its own way
-        if invocation.mode == "dec" and written_by_real_scrypt(in_fd):
-            os.close(in_fd)
-            exec_real_scrypt(argv)  # e.g. a backup made before the shim was installed
 
+    # The passphrase decides, for dec too: a real-scrypt file is handed over only with a passphrase
+    # that holds no qtb-pipe secret (backups made before the shim restore with their own passphrase).
     try:
         passphrase = read_passphrase(invocation)
+        qtb = parse_qtb_passphrase(passphrase) if passphrase is not None else None
     except PassphraseUnavailable as exc:
         _say(str(exc))
         return 1
-    if passphrase is None:
-        exec_real_scrypt(argv)
-
-    try:
-        qtb = parse_qtb_passphrase(passphrase)
     except QtbPassphraseError as exc:
         _say(f"qtb-pipe: {exc}")
         return 1
+    if passphrase is None:
+        exec_real_scrypt(argv)
     if qtb is None:
         if in_fd != 0:
             os.close(in_fd)

@@ -11,6 +11,7 @@ on the pty master (facts §1). `run_like_qubes` reproduces that, then feeds stdi
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import select
@@ -273,6 +274,10 @@ class ShimWorld:
         }
         (self.run_dir / "manifest.json").write_bytes(shim.seal_manifest(secret or self.secret, body))
 
+    def write_selection(self, prefixes: list[str]) -> None:
+        """What the driver leaves next to manifest.json: the stream prefixes this pass must restore."""
+        (self.run_dir / "selection.json").write_text(json.dumps({"prefixes": prefixes}))
+
     def start_restore(self, backup_id: str) -> list[dict[str, object]]:
         """What the driver does after a backup and before a restore: build the manifest from this run's
         ok enc records, start a new run and leave the sealed manifest there. Returns the enc records."""
@@ -315,3 +320,23 @@ def make_world(base: Path, real_scrypt: Path = REAL_SCRYPT) -> ShimWorld:
     )
     world.new_run()
     return world
+
+
+def shim_with_fake_real_scrypt(world: ShimWorld) -> tuple[Path, Path]:
+    """A copy of the shim whose real scrypt is a script that only logs what it was given: (shim, log).
+
+    The log holds one argument per line, then the content of any `--passphrase file:PATH` it got.
+    """
+    log = world.work / "real-scrypt.log"
+    fake = world.work / "fake-real-scrypt"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$@\" > '{log}'\n"
+        f"for arg; do case $arg in file:*) cat \"${{arg#file:}}\" >> '{log}';; esac; done\n"
+    )
+    fake.chmod(0o755)
+    copy = world.work / "fake-bin" / "scrypt"
+    copy.parent.mkdir()
+    copy.write_bytes(shim_install.render_shim(fake, world.state_dir))
+    copy.chmod(0o755)
+    return copy, log

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,11 @@ from shimtools import (
     PROMPT_ENTER,
     REAL_SCRYPT,
     ShimWorld,
-    UnexpectedPrompt,
     converse,
     make_world,
     run_like_qubes,
     run_without_tty,
+    shim_with_fake_real_scrypt,
 )
 
 from qtb_pipe import shim_install
@@ -36,6 +38,18 @@ def pattern(size: int, seed: int = 0) -> bytes:
     """Cheap non-repeating-looking data (os.urandom of 100 MiB costs more than the test itself)."""
     block = bytes((i * 131 + seed * 17 + (i >> 8)) & 0xFF for i in range(65536))
     return (block * (size // len(block) + 1))[:size]
+
+
+def write_manifest_for(
+    world: ShimWorld, backup_id: str, files: dict[str, bytes], secret: bytes | None = None
+) -> None:
+    """The sealed manifest of a backup holding `files` (path -> data, in stream order)."""
+    keys = shim.derive_keys(world.secret)
+    chunks = [
+        {"path": path, "size": len(data), "tag": shim.compute_tag(keys.chunk_key, path, data).hex()}
+        for path, data in files.items()
+    ]
+    world.write_manifest(backup_id, chunks, secret)
 
 
 def assert_refused(result, world: ShimWorld, path: str, reason: str, out: Path) -> None:
@@ -103,6 +117,7 @@ def test_dash_forms(world: ShimWorld) -> None:
     to_stdout = run_like_qubes([world.shim, "enc", "-"], passphrase, stdin_data=data)
     assert to_stdout.returncode == 0
     assert to_stdout.stdout == shim.seal_chunk(world.secret, "qubes.xml.000", data)
+    write_manifest_for(world, BACKUP_ID, {"qubes.xml.000": data})
 
     from_stdin = run_like_qubes([world.shim, "dec", "-"], passphrase, stdin_data=to_stdout.stdout)
     assert from_stdin.returncode == 0 and from_stdin.stdout == data
@@ -229,9 +244,75 @@ def test_real_scrypt_file_decrypts_through_shim(world: ShimWorld) -> None:
     result = run_like_qubes([world.shim, "dec", "-f", made_by_real, out], "old passphrase")
     assert (result.returncode, result.stderr) == (0, b"")
     assert out.read_bytes() == data
-    # even with a qtb-pipe passphrase, a real scrypt file goes to the real scrypt (which rejects it)
-    qtb_try = world.dec(BACKUP_ID, "vm1/private.img.000", made_by_real, world.work / "out2")
-    assert qtb_try.returncode == 1 and qtb_try.stderr == b"scrypt: Passphrase is incorrect\n"
+    # with a qtb-pipe passphrase a real scrypt file is refused: that passphrase never reaches the real scrypt
+    out2 = world.work / "out2"
+    qtb_try = world.dec(BACKUP_ID, "vm1/private.img.000", made_by_real, out2)
+    assert_refused(qtb_try, world, "vm1/private.img.000", "is a real-scrypt file, never part of a qtb", out2)
+
+
+# A hostile backup qube can serve an scrypt-format "chunk" with huge logN/r/p (Qubes passes -f).
+HOSTILE_SCRYPT_FILE = b"scrypt\x00" + bytes([40]) + struct.pack(">II", 8, 32) + b"\x00" * 89
+
+
+def test_real_scrypt_file_with_qtb_passphrase_never_reaches_the_real_scrypt(world: ShimWorld) -> None:
+    fake_shim, log = shim_with_fake_real_scrypt(world)
+    hostile = world.work / "vm1_private.img.000.enc"
+    hostile.write_bytes(HOSTILE_SCRYPT_FILE)
+    path = "vm1/private.img.000"
+    out = world.work / "out"
+    # the passphrase is read first (Qubes' usual single prompt), then the file is refused
+    result = run_like_qubes([fake_shim, "dec", "-f", hostile, out], world.passphrase(BACKUP_ID, path))
+    assert_refused(result, world, path, "is a real-scrypt file, never part of a qtb-pipe backup", out)
+    assert not log.exists()
+    (record,) = world.records()
+    assert record["status"] == "failed" and "real-scrypt" in str(record["error"])
+    # the same on stdin, and without a run directory (emergency restore)
+    from_stdin = run_like_qubes(
+        [fake_shim, "dec", "-"], world.passphrase(BACKUP_ID, path), stdin_data=HOSTILE_SCRYPT_FILE
+    )
+    assert from_stdin.returncode == 1 and b"real-scrypt file" in from_stdin.stderr and not log.exists()
+    shutil.rmtree(world.run_dir)
+    result = run_like_qubes([fake_shim, "dec", "-f", hostile, out], world.passphrase(BACKUP_ID, path))
+    assert_refused(result, world, path, "is a real-scrypt file", out)
+    assert not log.exists()
+
+    # an old backup's own passphrase: handed to the real scrypt after the one prompt, as before
+    result = run_like_qubes([fake_shim, "dec", "-f", hostile, out], "20261101T010203-1111!vm1/x.000!old")
+    assert (result.returncode, result.stderr) == (0, b"")
+    logged = log.read_text().splitlines()
+    assert logged[:2] == ["dec", "-f"] and logged[2] == "--passphrase"
+    assert logged[4:] == ["--", str(hostile), str(out), "20261101T010203-1111!vm1/x.000!old"]
+
+
+@pytest.mark.parametrize("path_length", [1960, 2100])  # fgets would cut inside / before the qtb1: part
+def test_long_passphrase_line_is_refused_not_cut(world: ShimWorld, path_length: int) -> None:
+    fake_shim, log = shim_with_fake_real_scrypt(world)
+    path = "vm1/" + "p" * (path_length - 8) + ".000"
+    passphrase = world.passphrase(BACKUP_ID, path)
+    assert len(passphrase) > 2047
+    chunk = world.work / "c.enc"
+    chunk.write_bytes(shim.seal_chunk(world.secret, path, b"data"))
+    out = world.work / "out"
+    result = run_like_qubes([fake_shim, "dec", "-f", chunk, out], passphrase)
+    assert result.returncode == 1 and not out.exists() and not log.exists()
+    assert result.stderr == b"scrypt: qtb-pipe: passphrase line longer than 2046 bytes; refused\n"
+    # enc: refused right after the first answer, before the confirmation prompt
+    answer = passphrase.encode() + b"\n"
+    enc = converse([fake_shim, "enc", "-", out], [(PROMPT_ENTER, answer)], stdin_data=b"data")
+    assert enc.returncode == 1 and b"longer than" in enc.stderr and not out.exists() and not log.exists()
+
+
+def test_cut_qtb_passphrase_is_refused_never_handed_over(world: ShimWorld) -> None:
+    fake_shim, log = shim_with_fake_real_scrypt(world)
+    chunk = world.work / "c.enc"
+    chunk.write_bytes(b"data")
+    cut = world.passphrase(BACKUP_ID, "vm1/private.img.000")[:-20]
+    env = {**os.environ, "QTB_TEST_PW": cut}
+    result = run_without_tty([fake_shim, "dec", "--passphrase", "env:QTB_TEST_PW", chunk], b"", env=env)
+    assert result.returncode == 1 and b"qtb1:" in result.stderr and not log.exists()
+    assert cut.encode() not in result.stderr
+    result = run_like_qubes([fake_shim, "dec", chunk, world.work / "out"], cut)
+    assert result.returncode == 1 and result.stderr.count(b"\n") == 1 and not log.exists()
 
 
 def test_tty_mismatch_dialogue_matches_real_scrypt(world: ShimWorld) -> None:
@@ -292,13 +373,12 @@ def test_missing_real_scrypt_at_run_time(world: ShimWorld) -> None:
         [broken, "enc", "-", out], world.passphrase(BACKUP_ID, data_path), stdin_data=b"secret data"
     )
     assert ok.returncode == 0 and out.read_bytes() == shim.seal_chunk(world.secret, data_path, b"secret data")
-    # a real scrypt file cannot be restored without the real scrypt: refused before any prompt
+    # a real scrypt file cannot be restored without the real scrypt: refused after the prompt
     real_file = world.work / "real.enc"
     real_file.write_bytes(b"scrypt\x00" + b"\x00" * 200)
-    with pytest.raises(UnexpectedPrompt) as refused:
-        run_like_qubes([broken, "dec", "-f", real_file, world.work / "o"], "pw")
-    assert b"no-such-scrypt is missing" in refused.value.result.stderr
-    assert refused.value.result.returncode == 1
+    refused = run_like_qubes([broken, "dec", "-f", real_file, world.work / "o"], "pw")
+    assert refused.returncode == 1 and refused.stderr.count(b"\n") == 1
+    assert b"no-such-scrypt is missing" in refused.stderr
 
 
 # --- qtb-mode enc failures ---------------------------------------------------------------------------
@@ -340,7 +420,8 @@ PATH = "vm12/private.img.000"
 def chunk(world: ShimWorld) -> tuple[Path, bytes]:
     data = pattern(5000, seed=4)
     encrypted = world.enc(BACKUP_ID, PATH, data)
-    world.new_run()  # restores run in their own run
+    world.new_run()  # restores run in their own run, with the backup's sealed manifest
+    write_manifest_for(world, BACKUP_ID, {PATH: data})
     return encrypted, data
 
 
@@ -396,10 +477,36 @@ def test_appended_bytes(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
     assert_refused(result, world, PATH, "appended data", out)
 
 
-def test_tag_from_another_path(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+def test_size_is_checked_before_hashing(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
     encrypted, _ = chunk
+    keys = shim.derive_keys(world.secret)
+    forged = b"x" * 4000 + shim.make_trailer(keys, 4000, bytes(32))  # self-consistent length, bad tag
     out = world.work / "out"
-    other = "vm12/private.img.001"
+    result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, forged), out)
+    assert_refused(result, world, PATH, "not from this backup (4000 data bytes, the manifest says 5000)", out)
+    assert world.records()[-1]["size"] == 4000
+
+
+def test_displaced_trailer_search_is_bounded(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    """Without a manifest, "appended data" is found by searching back for a trailer; a file crafted
+    with many magic+kcv candidates must not make that walk all of them."""
+    encrypted, _ = chunk
+    shutil.rmtree(world.run_dir)
+    keys = shim.derive_keys(world.secret)
+    out = world.work / "out"
+    few = encrypted.read_bytes() + (shim.TRAILER_MAGIC + keys.kcv) * 10
+    result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, few), out)
+    assert_refused(result, world, PATH, "appended data (160 bytes after the trailer)", out)
+    many = encrypted.read_bytes() + (shim.TRAILER_MAGIC + keys.kcv) * 100_000 + bytes(41)
+    result = world.dec(BACKUP_ID, PATH, edited(world, encrypted, many), out)
+    assert_refused(result, world, PATH, "no qtb-pipe trailer at the end", out)
+
+
+def test_tag_from_another_path(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
+    encrypted, data = chunk
+    out = world.work / "out"
+    other = "vm13/private.img.000"
+    write_manifest_for(world, BACKUP_ID, {other: data})  # same size, so only the tag can tell
     assert_refused(world.dec(BACKUP_ID, other, encrypted, out), world, other, "not this file's path", out)
 
 
@@ -407,18 +514,10 @@ def test_wrong_secret(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
     encrypted, _ = chunk
     world.secret = bytes(32)
     out = world.work / "out"
+    result = world.dec(BACKUP_ID, PATH, encrypted, out)  # the run's manifest was sealed with the right one
+    assert_refused(result, world, PATH, "manifest seal does not verify", out)
+    shutil.rmtree(world.run_dir)  # emergency restore: the trailer's key check value tells
     assert_refused(world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "wrong key", out)
-
-
-def write_manifest_for(
-    world: ShimWorld, backup_id: str, files: dict[str, bytes], secret: bytes | None = None
-):
-    keys = shim.derive_keys(world.secret)
-    chunks = [
-        {"path": path, "size": len(data), "tag": shim.compute_tag(keys.chunk_key, path, data).hex()}
-        for path, data in files.items()
-    ]
-    world.write_manifest(backup_id, chunks, secret)
 
 
 def test_chunk_from_older_backup_at_same_path(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
@@ -452,10 +551,12 @@ def test_forged_manifest(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
     write_manifest_for(world, BACKUP_ID, {PATH: data})
     sealed = json.loads((world.run_dir / "manifest.json").read_bytes())
     sealed["manifest"]["backup_id"] = OLDER_BACKUP_ID  # edited after sealing
-    (world.run_dir / "manifest.json").write_text(json.dumps(sealed))
+    (world.run_dir / "manifest.json").write_bytes(shim.canonical_json(sealed))
     assert_refused(
         world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "manifest seal does not verify", out
     )
+    (world.run_dir / "manifest.json").write_text(json.dumps(sealed))  # not the canonical sealed form
+    assert_refused(world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, "not in the sealed form", out)
 
 
 def test_chunk_missing_from_manifest(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
@@ -470,7 +571,7 @@ def test_chunk_missing_from_manifest(world: ShimWorld, chunk: tuple[Path, bytes]
 def test_without_manifest_checks_tag_and_warns(world: ShimWorld, chunk: tuple[Path, bytes]) -> None:
     """Emergency / paranoid-mode restore: no run directory, the per-chunk tag only, one warning line."""
     encrypted, data = chunk
-    world.run_dir.rmdir()
+    shutil.rmtree(world.run_dir)
     out = world.work / "out"
     result = world.dec(BACKUP_ID, PATH, encrypted, out)
     assert result.returncode == 0 and out.read_bytes() == data
@@ -480,6 +581,28 @@ def test_without_manifest_checks_tag_and_warns(world: ShimWorld, chunk: tuple[Pa
     out.unlink()
     assert_refused_with_warning = world.dec(BACKUP_ID, PATH, edited(world, encrypted, bytes(broken)), out)
     assert assert_refused_with_warning.returncode == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda run_dir: (run_dir / "manifest.json").unlink(), "the run directory has no manifest.json"),
+        (lambda run_dir: (run_dir / "selection.json").write_text("{"), "selection.json is not"),
+        (lambda run_dir: (run_dir / "selection.json").write_text('{"prefixes": "vm12/"}'), "selection.json"),
+        (lambda run_dir: (run_dir / "selection.json").write_text('["vm12/"]'), "selection.json is not"),
+        (lambda run_dir: (run_dir / "selection.json").mkdir(), "cannot read"),
+    ],
+)
+def test_run_directory_without_usable_manifest_fails_closed(
+    world: ShimWorld, chunk: tuple[Path, bytes], damage, reason: str
+) -> None:
+    """Only a missing run directory means an emergency restore; a run directory must hold the manifest."""
+    encrypted, _ = chunk
+    damage(world.run_dir)
+    out = world.work / "out"
+    assert_refused(world.dec(BACKUP_ID, PATH, encrypted, out), world, PATH, reason, out)
+    (record,) = world.records()
+    assert record["status"] == "failed"
 
 
 def test_existing_output_is_replaced_only_after_verification(
@@ -544,8 +667,43 @@ def test_new_file_before_previous_file_complete_is_refused(world: ShimWorld, bac
     assert restore(world, backup, "vm1/private.img.000")[0].returncode == 0
     assert restore(world, backup, "vm1/private.img.001")[0].returncode == 0
     result, out = restore(world, backup, "vm2/private.img.000")  # drops vm1's last chunk
-    assert_refused(result, world, "vm2/private.img.000", "before vm1/private.img is complete", out)
-    assert "missing vm1/private.img.002" in result.stderr.decode()
+    reason = (
+        "out of order: vm1/private.img was not served before vm2/private.img (missing vm1/private.img.002)"
+    )
+    assert_refused(result, world, "vm2/private.img.000", reason, out)
+
+
+def test_skipping_a_whole_file_is_refused(world: ShimWorld, backup: dict[str, Path]) -> None:
+    """No selection.json: every file of the manifest is expected, in manifest order."""
+    result, out = restore(world, backup, "vm2/private.img.000")  # vm1 never served at all
+    reason = "vm1/private.img was not served before vm2/private.img (missing vm1/private.img.000)"
+    assert_refused(result, world, "vm2/private.img.000", reason, out)
+
+
+def test_selection_names_the_files_this_pass_must_restore(world: ShimWorld, backup: dict[str, Path]) -> None:
+    world.write_selection(["vm2/"])
+    assert restore(world, backup, "vm2/private.img.000")[0].returncode == 0  # vm1 is not restored
+    # a chunk of a file that is not expected may still be decrypted, and is recorded normally
+    assert restore(world, backup, "vm1/private.img.000")[0].returncode == 0
+    assert [(r["path"], r["status"]) for r in world.records()] == [
+        ("vm2/private.img.000", "ok"),
+        ("vm1/private.img.000", "ok"),
+    ]
+
+    world.new_run()
+    write_manifest_for(world, BACKUP_ID, {path: backup[path].read_bytes()[:-56] for path in backup})
+    world.write_selection(["vm1/", "vm2/"])
+    result, out = restore(world, backup, "vm2/private.img.000")
+    assert_refused(result, world, "vm2/private.img.000", "vm1/private.img was not served before", out)
+
+
+def test_header_and_qubes_xml_are_always_expected(world: ShimWorld, backup: dict[str, Path]) -> None:
+    files = {"backup-header": b"h", "qubes.xml.000": b"<qubes/>"}
+    files |= {path: backup[path].read_bytes()[:-56] for path in backup}
+    write_manifest_for(world, BACKUP_ID, files)
+    world.write_selection(["vm2/"])
+    result, out = restore(world, backup, "vm2/private.img.000")
+    assert_refused(result, world, "vm2/private.img.000", "backup-header was not served before vm2", out)
 
 
 def test_full_restore_sequence_like_qubes(world: ShimWorld) -> None:
