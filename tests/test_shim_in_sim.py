@@ -12,10 +12,11 @@ from test_qubes_sim import BACKED_UP, backup_to_dir, members, restore
 from scrypt_shim import shim
 
 
-def qtb_passphrase(world: Sim, tmp_path: Path, secret: bytes) -> Path:
+def qtb_passphrase(world: Sim, tmp_path: Path, secret: bytes, run_dir: bool = True) -> Path:
     """What the driver does before a run: a run directory and the qtb passphrase."""
     token = secrets.token_hex(16)
-    (world.dom0 / "var/lib/qtb-pipe/runs" / token).mkdir(parents=True)
+    if run_dir:
+        (world.dom0 / "var/lib/qtb-pipe/runs" / token).mkdir(parents=True)
     path = tmp_path / f"pp-{token}"
     path.write_text(shim.make_user_passphrase(token, secret) + "\n")
     return path
@@ -34,7 +35,8 @@ def test_shim_round_trip_byte_exact_and_gui_backup_still_encrypted(
     ).stdout
     assert hmac_member.startswith(b"version=4\n") and hmac_member[-56:-48] == b"QTBPIPE1"
     fresh_world.run("qtb-pipe", "install-shim", check=True)
-    restore_pp = qtb_passphrase(fresh_world, tmp_path, secret)  # no manifest: per-chunk tags only
+    # no run directory (an emergency restore): per-chunk tags only, with a warning
+    restore_pp = qtb_passphrase(fresh_world, tmp_path, secret, run_dir=False)
     proc = restore(fresh_world, restore_pp, stream, "--ignore-size-limit")
     assert proc.returncode == 0, proc.stderr.decode()
     assert fresh_world.digest(*BACKED_UP, restored_home=True) == world.digest(*BACKED_UP)
