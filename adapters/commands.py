@@ -1,0 +1,402 @@
+"""The subcommands, engine-independent. Each returns a JSON-ready dict (the `--json` shape)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import select
+import signal
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .base import (
+    RUN_ID_RE,
+    SNAPSHOT_ID_RE,
+    CommitRecord,
+    Engine,
+    RepoListing,
+    RepoSnapshot,
+    check_engine_name,
+    engine_names,
+    iso,
+    load_engine,
+    parse_engine_time,
+    utc_now,
+)
+from .config import (
+    AdapterConfig,
+    PasswordSource,
+    TomlValue,
+    default_config_path,
+    load_config,
+    write_engine_config,
+)
+from .errors import (
+    AdapterError,
+    SnapshotNotFoundError,
+    UsageError,
+)
+from .manifest import cross_check, parse_sealed_manifest, read_bounded
+from .retention import Dated, KeepPolicy, apply_policy
+from .state import PendingRecord, PendingStore
+
+DEFAULT_PENDING_AGE = timedelta(hours=24)  # drop-pending without --run/--all/--older-than
+
+
+def check_run_id(run: str) -> str:
+    if not RUN_ID_RE.fullmatch(run):
+        raise UsageError(f"run id must match [a-z0-9]{{8,40}}: {run!r}")
+    return run
+
+
+def check_snapshot_id(snapshot_id: str) -> str:
+    if not SNAPSHOT_ID_RE.fullmatch(snapshot_id):
+        raise UsageError(f"snapshot id must match [A-Za-z0-9._:-]{{1,80}}: {snapshot_id!r}")
+    return snapshot_id
+
+
+def parse_duration(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([smhdw])", text.strip())
+    if not match:
+        raise UsageError(f"duration must look like 30m, 12h, 2d or 1w: {text!r}")
+    amount, unit = int(match.group(1)), match.group(2)
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    return timedelta(seconds=amount * seconds)
+
+
+class Session:
+    """One subcommand's view: the config, its engine (version checked) and the local state."""
+
+    def __init__(self, config_path: Path | None, engine: str | None) -> None:
+        if engine is not None:
+            check_engine_name(engine)
+        self.config: AdapterConfig = load_config(config_path, engine, engine_names())
+        self.engine: Engine = load_engine(self.config)
+        self.engine.version()
+        self.pending_store = PendingStore(self.config.state_dir, self.config.engine)
+
+    def scratch(self) -> Path:
+        return self.pending_store.scratch_dir("work")
+
+    def find_complete(self, listing: RepoListing, snapshot_id: str) -> RepoSnapshot:
+        """A complete snapshot by id (a unique prefix of at least 8 characters also does)."""
+        check_snapshot_id(snapshot_id)
+        exact = [s for s in listing.snapshots if s.id == snapshot_id]
+        found = exact or (
+            [s for s in listing.snapshots if s.id.startswith(snapshot_id)] if len(snapshot_id) >= 8 else []
+        )
+        if len(found) > 1:
+            raise SnapshotNotFoundError(f"snapshot id {snapshot_id!r} is ambiguous")
+        if not found:
+            raise SnapshotNotFoundError(f"unknown snapshot {snapshot_id!r}")
+        if not found[0].complete:
+            raise SnapshotNotFoundError(f"snapshot {found[0].id} is pending (never committed): not a backup")
+        return found[0]
+
+
+def snapshot_json(snapshot: RepoSnapshot, record: PendingRecord | None = None) -> dict[str, Any]:
+    commit = snapshot.commit
+    if commit is not None:
+        stream_bytes: int | None = commit.stream_bytes
+        added: int | None = commit.added_bytes
+    elif record is not None:
+        stream_bytes, added = record.stream_bytes, record.added_bytes
+    else:
+        stream_bytes, added = snapshot.engine_stream_bytes, snapshot.engine_added_bytes
+    return {
+        "id": snapshot.id,
+        "state": snapshot.state,
+        "time": iso(snapshot.time),
+        "run": snapshot.run,
+        "backup_id": commit.backup_id if commit else None,
+        "qubes": commit.qubes if commit else None,
+        "stream_bytes": stream_bytes,
+        "added_bytes": added,
+        "members": commit.members if commit else (len(record.members) if record else None),
+    }
+
+
+# -- init ---------------------------------------------------------------------------------------
+def cmd_init(
+    config_path: Path | None,
+    *,
+    engine: str | None,
+    repo: str | None,
+    password_file: str | None,
+    password_command: str | None,
+    generate_password: bool,
+    settings: dict[str, TomlValue],
+) -> dict[str, Any]:
+    path = config_path or default_config_path()
+    if repo or password_file or password_command or generate_password or settings:
+        if not (engine and repo):
+            raise UsageError("init with settings needs both --engine and --repo")
+        check_engine_name(engine)
+        if sum(bool(x) for x in (password_file, password_command, generate_password)) != 1:
+            raise UsageError(
+                "init needs exactly one of --password-file, --password-command, --generate-password"
+            )
+        if password_file:
+            password = PasswordSource(file=Path(password_file).expanduser().absolute())
+        elif password_command:
+            password = PasswordSource(command=password_command)
+        else:
+            secret_path = path.parent / f"{engine}-password"
+            if not secret_path.exists():
+                secret_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_urlsafe(32) + "\n")
+            password = PasswordSource(file=secret_path)
+        write_engine_config(path, engine=engine, repository=repo, password=password, engine_settings=settings)
+    session = Session(path, engine)
+    created = session.engine.init_repository()
+    return {
+        "engine": session.config.engine,
+        "version": str(session.engine.version()),
+        "repository": session.config.repository,
+        "created": created,
+        "config": str(session.config.path),
+    }
+
+
+# -- store --------------------------------------------------------------------------------------
+def cmd_store(session: Session, run: str, stream_fd: int) -> dict[str, Any]:
+    check_run_id(run)
+    # No listing first (a repository open costs restic ~1 s of key derivation): storing a run that
+    # is already committed only leaves a pending leftover; `commit` is where runs are checked.
+    outcome = session.engine.store(run, stream_fd, session.scratch())
+    record = PendingRecord(
+        run=run,
+        engine=session.config.engine,
+        repository=session.config.repository,
+        snapshot_id=outcome.snapshot_id,
+        stored_at=iso(utc_now()),
+        method=outcome.method,
+        stream_bytes=outcome.summary.stream_bytes,
+        output_bytes=outcome.summary.output_bytes,
+        added_bytes=outcome.added_bytes,
+        members=outcome.summary.members,
+    )
+    session.pending_store.save(record)
+    return {
+        "run": run,
+        "id": outcome.snapshot_id,
+        "state": "pending",
+        "engine": session.config.engine,
+        "method": outcome.method,
+        "members": len(outcome.summary.members),
+        "stream_bytes": outcome.summary.stream_bytes,
+        "output_bytes": outcome.summary.output_bytes,
+        "added_bytes": outcome.added_bytes,
+    }
+
+
+# -- pending ------------------------------------------------------------------------------------
+def _pending_snapshot(session: Session, listing: RepoListing, run: str) -> tuple[RepoSnapshot, PendingRecord]:
+    record = session.pending_store.load(run)
+    by_run = [s for s in listing.snapshots if s.run == run]
+    committed = [s for s in by_run if s.complete]
+    if committed:
+        raise SnapshotNotFoundError(f"run {run} is already committed as snapshot {committed[0].id}")
+    if record is None:
+        if by_run:
+            raise SnapshotNotFoundError(
+                f"run {run} has a pending snapshot but no member record here (store did not finish)"
+            )
+        raise SnapshotNotFoundError(f"no pending snapshot for run {run}")
+    matches = [s for s in by_run if s.id == record.snapshot_id]
+    if not matches:
+        raise SnapshotNotFoundError(f"the pending snapshot {record.snapshot_id} of run {run} is gone")
+    return matches[0], record
+
+
+def cmd_pending(session: Session, run: str | None) -> dict[str, Any]:
+    listing = session.engine.listing()
+    if run is None:
+        entries = []
+        for snapshot in listing.pending:
+            record = session.pending_store.load(snapshot.run)
+            entry = snapshot_json(snapshot, record if record and record.snapshot_id == snapshot.id else None)
+            entry["member_record"] = bool(record and record.snapshot_id == snapshot.id)
+            entries.append(entry)
+        return {"pending": entries}
+    check_run_id(run)
+    snapshot, record = _pending_snapshot(session, listing, run)
+    return {
+        "run": run,
+        "id": snapshot.id,
+        "time": iso(snapshot.time),
+        "engine": session.config.engine,
+        "members": [asdict(m) for m in record.members],
+        "stream_bytes": record.stream_bytes,
+        "added_bytes": record.added_bytes,
+    }
+
+
+# -- commit -------------------------------------------------------------------------------------
+def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
+    check_run_id(run)
+    manifest = read_bounded(source)
+    info = parse_sealed_manifest(manifest)
+    listing = session.engine.listing()
+    done = [s for s in listing.snapshots if s.run == run and s.complete]
+    if done:
+        # A retried commit with the same manifest is a success; anything else is refused.
+        if done[0].commit and done[0].commit.manifest_sha256 == info.sha256:
+            return _commit_result(done[0])
+        raise AdapterError(f"run {run} is already committed as snapshot {done[0].id} with another manifest")
+    snapshot, record = _pending_snapshot(session, listing, run)
+    cross_check(info, record.members)
+    commit = CommitRecord(
+        object_id="",
+        backup_id=info.backup_id,
+        qubes=info.qubes,
+        stream_bytes=record.stream_bytes,
+        added_bytes=record.added_bytes,
+        members=len(record.members),
+        manifest_sha256=info.sha256,
+        manifest_bytes=info.size,
+        committed_at=iso(utc_now()),
+    )
+    commit.object_id = session.engine.commit(snapshot, manifest, commit, session.scratch())
+    # "committed" must mean "restorable": make sure the stream was not dropped meanwhile
+    # (a concurrent drop-pending); an orphaned commit object is ignored by every command.
+    after = [s for s in session.engine.listing().complete if s.id == snapshot.id]
+    if not after:
+        raise AdapterError(f"the pending snapshot of run {run} vanished while it was being committed")
+    session.pending_store.remove(run)
+    return _commit_result(after[0])
+
+
+def _commit_result(snapshot: RepoSnapshot) -> dict[str, Any]:
+    result = snapshot_json(snapshot)
+    result["commit_object"] = snapshot.commit.object_id if snapshot.commit else None
+    return result
+
+
+# -- manifest, dump -----------------------------------------------------------------------------
+def cmd_manifest(session: Session, snapshot_id: str) -> bytes:
+    snapshot = session.find_complete(session.engine.listing(), snapshot_id)
+    return session.engine.read_manifest(snapshot)
+
+
+def _reader_gone(fd: int) -> bool:
+    """True when fd is a pipe whose reader has closed it (POLLERR on the write end)."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def cmd_dump(session: Session, snapshot_id: str, out_fd: int) -> None:
+    snapshot = session.find_complete(session.engine.listing(), snapshot_id)
+    finished = session.engine.dump(snapshot, out_fd)
+    if finished.ok:
+        return
+    # tar2qfile stops reading once it has every member it wants: the engine then dies of SIGPIPE
+    # or reports EPIPE. That is the normal end of a restore call, not an error.
+    if (
+        finished.killed_by == signal.SIGPIPE
+        or _reader_gone(out_fd)
+        or "broken pipe" in finished.stderr_text.lower()
+    ):
+        return
+    raise session.engine.classify(finished, "dump")
+
+
+# -- list ---------------------------------------------------------------------------------------
+def cmd_list(session: Session, include_pending: bool) -> dict[str, Any]:
+    listing = session.engine.listing()
+    snapshots = []
+    for snapshot in listing.snapshots:
+        if snapshot.complete:
+            snapshots.append(snapshot_json(snapshot))
+        elif include_pending:
+            record = session.pending_store.load(snapshot.run)
+            snapshots.append(
+                snapshot_json(snapshot, record if record and record.snapshot_id == snapshot.id else None)
+            )
+    return {"engine": session.config.engine, "repository": session.config.repository, "snapshots": snapshots}
+
+
+# -- prune --------------------------------------------------------------------------------------
+def cmd_prune(session: Session, policy: KeepPolicy, dry_run: bool) -> dict[str, Any]:
+    if policy.empty:
+        raise UsageError("prune needs at least one --keep-* option (or a [prune] table in the config)")
+    listing = session.engine.listing()
+    complete = {s.id: s for s in listing.complete}  # pending ones are not there for prune
+    keep, remove = apply_policy([Dated(s.id, s.time) for s in complete.values()], policy)
+    result: dict[str, Any] = {
+        "policy": policy.as_dict(),
+        "dry_run": dry_run,
+        "keep": [d.id for d in keep],
+        "remove": [d.id for d in remove],
+        "cleanup": None,
+    }
+    if remove and not dry_run:
+        session.engine.delete([complete[d.id] for d in remove], [])
+        result["cleanup"] = session.engine.cleanup()
+    return result
+
+
+# -- check --------------------------------------------------------------------------------------
+def cmd_check(session: Session, read_data: bool, subset: str | None) -> tuple[dict[str, Any], bool]:
+    outcome = session.engine.check(read_data, subset)
+    tail = "\n".join(outcome.output.splitlines()[-20:])
+    return {
+        "ok": outcome.ok,
+        "read_data": outcome.read_data,
+        "output": tail,
+    }, outcome.ok
+
+
+# -- drop-pending -------------------------------------------------------------------------------
+def cmd_drop_pending(
+    session: Session, run: str | None, older_than: timedelta | None, drop_all: bool
+) -> dict[str, Any]:
+    if run is not None:
+        check_run_id(run)
+    listing = session.engine.listing()
+    now = utc_now()
+    limit = older_than if older_than is not None else DEFAULT_PENDING_AGE
+    victims: list[RepoSnapshot] = []
+    for snapshot in listing.pending:
+        record = session.pending_store.load(snapshot.run)
+        # A long store ends long after the engine's snapshot time: age counts from the end.
+        finished_at = snapshot.time
+        if record is not None and record.snapshot_id == snapshot.id:
+            finished_at = parse_engine_time(record.stored_at)
+        if run is not None:
+            chosen = snapshot.run == run
+        elif drop_all:
+            chosen = True
+        else:
+            chosen = now - finished_at >= limit
+        if chosen:
+            victims.append(snapshot)
+    orphans = []
+    if run is None:
+        orphans = [o for o in listing.orphans if drop_all or o.time is None or now - o.time >= limit]
+    if victims or orphans:
+        session.engine.delete(victims, orphans)
+    for victim in victims:
+        record = session.pending_store.load(victim.run)
+        if record is None or record.snapshot_id == victim.id:
+            session.pending_store.remove(victim.run)
+    # Records whose snapshot is long gone (not just being written by a concurrent store).
+    known = {s.id for s in listing.snapshots}
+    for stale_run in session.pending_store.runs():
+        record = session.pending_store.load(stale_run)
+        gone = record is not None and record.snapshot_id not in known
+        if gone and (drop_all or now - parse_engine_time(record.stored_at) >= limit):
+            session.pending_store.remove(stale_run)
+    return {
+        "dropped": [{"id": s.id, "run": s.run, "time": iso(s.time)} for s in victims],
+        "orphans_removed": [{"id": o.id, "kind": o.kind} for o in orphans],
+    }

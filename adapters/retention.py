@@ -1,0 +1,72 @@
+"""keep-last/daily/weekly/monthly/yearly, computed here once for every engine.
+
+Engines cannot apply their own policies: restic's and borg's would count pending snapshots and our
+commit objects. Semantics are restic's (and borg's): for each rule, walk snapshots newest first and
+keep the newest one of each period until the rule's count is used up; a snapshot is kept when any
+rule keeps it. Periods are in local time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    last: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not any((self.last, self.daily, self.weekly, self.monthly, self.yearly))
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "keep_last": self.last,
+            "keep_daily": self.daily,
+            "keep_weekly": self.weekly,
+            "keep_monthly": self.monthly,
+            "keep_yearly": self.yearly,
+        }
+
+
+@dataclass(frozen=True)
+class Dated:
+    id: str
+    time: datetime
+
+
+def _rules(policy: KeepPolicy) -> list[tuple[int, Callable[[datetime], object] | None]]:
+    return [
+        (policy.last, None),  # None: every snapshot is a period of its own
+        (policy.daily, lambda t: (t.year, t.month, t.day)),
+        (policy.weekly, lambda t: t.isocalendar()[:2]),
+        (policy.monthly, lambda t: (t.year, t.month)),
+        (policy.yearly, lambda t: t.year),
+    ]
+
+
+def apply_policy(snapshots: Sequence[Dated], policy: KeepPolicy) -> tuple[list[Dated], list[Dated]]:
+    """(keep, remove), both newest first."""
+    ordered = sorted(snapshots, key=lambda s: s.time, reverse=True)
+    kept: set[str] = set()
+    for count, period in _rules(policy):
+        remaining = count
+        last_period: object = object()
+        for index, snap in enumerate(ordered):
+            if remaining <= 0:
+                break
+            local = snap.time.astimezone()
+            key = index if period is None else period(local)
+            if key != last_period:
+                kept.add(snap.id)
+                remaining -= 1
+                last_period = key
+    keep = [s for s in ordered if s.id in kept]
+    remove = [s for s in ordered if s.id not in kept]
+    return keep, remove

@@ -1,0 +1,86 @@
+"""Local records of stored-but-not-committed runs (the member list `pending` and `commit` need).
+
+They live in the backup qube (`<state_dir>/pending/<run>.json`), are written only after the engine
+has saved the pending snapshot, and are removed by `commit` and `drop-pending`. The repository
+never depends on them: without its record a pending snapshot simply cannot be committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .tarstream import Member
+
+
+@dataclass
+class PendingRecord:
+    run: str
+    engine: str
+    repository: str
+    snapshot_id: str
+    stored_at: str  # ISO 8601 UTC, when the engine finished
+    method: str
+    stream_bytes: int
+    output_bytes: int
+    added_bytes: int | None
+    members: list[Member] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, object]) -> PendingRecord:
+        members = [Member(str(m["name"]), int(m["size"])) for m in raw.get("members", [])]  # type: ignore[union-attr, index, call-overload]
+        values = {k: v for k, v in raw.items() if k != "members"}
+        return cls(**values, members=members)  # type: ignore[arg-type]
+
+
+class PendingStore:
+    def __init__(self, state_dir: Path, engine: str) -> None:
+        self.directory = state_dir / "pending" / engine
+
+    def path(self, run: str) -> Path:
+        return self.directory / f"{run}.json"
+
+    def save(self, record: PendingRecord) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = self.path(record.run)
+        tmp = target.with_suffix(".json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record.to_json(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def load(self, run: str) -> PendingRecord | None:
+        try:
+            raw = json.loads(self.path(run).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # a torn record is as good as none: the run cannot be committed
+        try:
+            return PendingRecord.from_json(raw)
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def remove(self, run: str) -> None:
+        try:
+            self.path(run).unlink()
+        except FileNotFoundError:
+            pass
+
+    def runs(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.json"))
+
+    def scratch_dir(self, purpose: str) -> Path:
+        """A private directory for small files (reports, a manifest being committed)."""
+        path = self.directory.parent.parent / "tmp" / purpose
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path

@@ -1,0 +1,80 @@
+"""prune works on complete snapshots only; drop-pending removes pending ones; the keep policy."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest_remote import AdapterHome
+from qtb_adapters.retention import Dated, KeepPolicy, apply_policy
+from streamtools import make_backup, write_stream
+
+
+def _days(*offsets: float) -> list[Dated]:
+    base = datetime(2026, 6, 17, 12, 0, tzinfo=UTC)  # a Wednesday
+    return [Dated(f"s{i}", base - timedelta(days=o)) for i, o in enumerate(offsets)]
+
+
+@pytest.fixture
+def utc_local_time(monkeypatch):
+    """Keep periods are in local time: pin it, and restore it afterwards."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_keep_last_daily_weekly_monthly_yearly(utc_local_time) -> None:
+    snaps = _days(0, 0.1, 1, 2, 3, 9, 40, 400)
+    keep, remove = apply_policy(snaps, KeepPolicy(last=1))
+    assert [s.id for s in keep] == ["s0"] and len(remove) == 7
+    keep, _ = apply_policy(snaps, KeepPolicy(daily=3))
+    assert [s.id for s in keep] == ["s0", "s2", "s3"]  # newest of each of the last 3 days with backups
+    keep, _ = apply_policy(snaps, KeepPolicy(monthly=2, yearly=2))
+    assert {s.id for s in keep} == {"s0", "s6", "s7"}
+    keep, _ = apply_policy(snaps, KeepPolicy(last=2, weekly=2))
+    assert {s.id for s in keep} == {"s0", "s1", "s4"}  # s4 is the Sunday of the week before
+    assert apply_policy([], KeepPolicy(daily=1)) == ([], [])
+
+
+@pytest.mark.parametrize("engine", ["restic", "borg"])
+def test_prune_ignores_pending_and_drop_pending_removes_them(engine: str, tmp_path: Path) -> None:
+    backup = make_backup(51, volumes={"vm1/private.img": 200_000}, chunk_bytes=64 * 1024)
+    stream = write_stream(backup, tmp_path / "stream", tmp_path / "work")
+    home = AdapterHome(tmp_path / "qube")
+    home.init(engine, str(tmp_path / "repo"))
+    complete = []
+    for _ in range(3):
+        run = "run" + secrets.token_hex(6)
+        home.ok("store", "--run", run, stdin=stream.path)
+        complete.append(home.ok("commit", "--run", run, "--json", stdin=backup.manifest(engine)).json()["id"])
+    pending_run = "run" + secrets.token_hex(6)
+    pending_id = home.ok("store", "--run", pending_run, "--json", stdin=stream.path).json()["id"]
+
+    assert home.run("prune").returncode == 2  # no policy: refuse rather than delete everything
+    dry = home.ok("prune", "--keep-last", "1", "--dry-run", "--json").json()
+    assert dry["keep"] == [complete[-1]] and sorted(dry["remove"]) == sorted(complete[:-1])
+    assert len(home.snapshots()) == 3
+    pruned = home.ok("prune", "--keep-last", "1", "--json").json()
+    assert pending_id not in pruned["keep"] + pruned["remove"]
+    assert [s["id"] for s in home.snapshots()] == [complete[-1]]
+    assert [s["id"] for s in home.snapshots(pending=True) if s["state"] == "pending"] == [pending_id]
+
+    # A fresh pending snapshot survives the default age limit; --run drops it.
+    assert home.ok("drop-pending", "--json").json()["dropped"] == []
+    assert home.ok("pending", "--json").json()["pending"][0]["id"] == pending_id
+    dropped = home.ok("drop-pending", "--run", pending_run, "--json").json()["dropped"]
+    assert [d["id"] for d in dropped] == [pending_id]
+    assert home.run("pending", "--run", pending_run).returncode == 4
+    assert [s["id"] for s in home.snapshots(pending=True)] == [complete[-1]]
+    subset = "1/2" if engine == "restic" else "last=1"  # a data subset, as each engine spells it
+    assert home.ok("check", "--read-data-subset", subset, "--json").json() | {"output": ""} == {
+        "ok": True,
+        "read_data": subset,
+        "output": "",
+    }
+    assert home.ok("dump", complete[-1]).stdout[:512] != bytes(512)
