@@ -28,6 +28,9 @@ CHUNK_SIZE = 100 * 1024 * 1024
 # Test-only switches (Qubes' own tests lower scrypt's work factor with `-t 0.1` the same way).
 TEST_CHUNK_SIZE_ENV = "QUBES_SIM_TEST_CHUNK_SIZE"
 TEST_SCRYPT_MAXTIME_ENV = "QUBES_SIM_TEST_SCRYPT_MAXTIME"
+# Test-only fault: the scrypt process of this chunk (e.g. "vm4/private.img.000") is killed midway,
+# as the OOM killer would; qubesd only logs the status.
+TEST_KILL_SCRYPT_ENV = "QUBES_SIM_TEST_KILL_SCRYPT_FOR"
 HEADER_KEYS = (
     "version",
     "encrypted",
@@ -287,6 +290,8 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
                     env,
                     stdin=subprocess.PIPE,
                 )
+                if chunk_name == os.environ.get(TEST_KILL_SCRYPT_ENV):
+                    enc.kill()
                 consumed = _copy_chunk(first, source, enc.stdin, chunk_size)
                 code, err = finish(enc)
                 if code != 0:  # qubesd only logs this
