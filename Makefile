@@ -13,6 +13,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers: most of the suite waits on engines' key derivation and on subprocesses.
+PYTEST_ARGS ?= -n 2
 test: setup lint
 	$(BIN)/pytest -ra $(PYTEST_ARGS)
 

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest_remote import rclone_rest_server, sshd_server
 from simtools import Sim, make_world
 
+__all__ = ["rclone_rest_server", "sshd_server"]  # fixtures, found by pytest here
 TESTS = Path(__file__).parent
 ALL = ("debian-12", "work", "personal", "vault", "dom0")
 # the driver's own calls to the real scrypt never happen in qtb mode; keep stock defaults otherwise
@@ -218,3 +220,41 @@ def test_shim_install_round_trip_in_world(world: Sim):
     after = sorted(p.relative_to(world.dom0).as_posix() for p in world.dom0.rglob("*"))
     assert after == before
     assert qtb(world, "shim-status", check=False).returncode == 7
+
+
+def test_remote_repositories_round_trip(world: Sim, fresh_world: Sim, request, tmp_path):
+    """Off-site: restic on a REST server and borg over ssh, both on loopback, restored byte for byte."""
+    key = qtb_json(world, "init", "--backup-qube", "backup")["recovery_key"]
+    qtb_json(fresh_world, "init", "--backup-qube", "backup", "--recovery-key", key)
+    rest, sshd = request.getfixturevalue("rclone_rest_server"), request.getfixturevalue("sshd_server")
+    remotes = {
+        "restic": (rest.url + "/qtb/", []),
+        "borg": (sshd.repo(tmp_path / "borg-repo"), ["--set", f"rsh={sshd.rsh}"]),
+    }
+    for w in (world, fresh_world):
+        qtb(w, "install-shim")
+        pw = w.qube_home("backup") / "remote.password"
+        pw.write_text("remote engine password\n")
+    for round_no, (engine, (repo, settings)) in enumerate(remotes.items()):
+        for w in (world, fresh_world):
+            pw = w.qube_home("backup") / "remote.password"
+            w.run(
+                "qtb-adapter",
+                "init",
+                "--engine",
+                engine,
+                "--repo",
+                repo,
+                "--password-file",
+                str(pw),
+                *settings,
+                inside="backup",
+                check=True,
+            )
+        snap = qtb_json(world, "backup", "--engine", engine, "debian-12", "work")["snapshot"]
+        qtb(fresh_world, "restore", snap, "--engine", engine, "--new-system", "--rename-conflicting")
+        got = fresh_world.digest()["qubes"]
+        want = world.digest("debian-12", "work")["qubes"]
+        for name in ("debian-12", "work"):
+            restored = f"{name}1" if round_no else name  # second round: the names are taken
+            assert got[restored]["files"] == want[name]["files"], (engine, name)

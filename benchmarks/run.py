@@ -1,0 +1,544 @@
+"""`make bench`: qtb-pipe against stock qvm-backup and against the engines fed directly.
+
+    python -m benchmarks.run [--size-mib 1024] [--smoke] [--out DIR]
+
+One workload (qubes-sim, deterministic seed), three states: the initial world, ~2% of blocks
+rewritten plus inserted/appended data and new dom0 files, and the same again unchanged. For each
+state, interleaved so machine drift hits all alike: stock qvm-backup (real scrypt, gzip), qtb-pipe +
+restic, qtb-pipe + borg (import-tar, the default) and qtb-pipe + borg (create -), the captured stream
+fed straight to `restic backup --stdin` / `borg create -`, and the raw volume files backed up as
+files. Then restores. Results: results.json, results.md, PNG charts in benchmarks/results/<date>/.
+`--smoke` runs the same code on a tiny workload (the test suite runs it so this never rots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from scrypt_shim import shim
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+ENGINE_PW = "benchmark engine password"
+QTB_CONFIGS = {  # name -> (engine, adapter settings)
+    "qtb+restic": ("restic", []),
+    "qtb+borg": ("borg", []),  # import-tar, the adapter's default
+    "qtb+borg-create": ("borg", ["--set", "store_method=create"]),
+}
+
+
+# --- measuring processes ------------------------------------------------------------------
+def classify(cmdline: list[str]) -> str:
+    text = " ".join(cmdline)
+    name = Path(cmdline[0]).name if cmdline else "?"
+    if "qubes_sim.tools qvm-backup" in text:
+        return "qvm-backup (emulated qubesd)"
+    if "qubes_sim" in text:
+        return "qubes-sim (other)"
+    if "/usr/local/bin/scrypt" in text and "python" in name:
+        return "shim"
+    if "qtb_adapters" in text or "qtb-adapter" in text:
+        return "qtb-adapter"
+    if "qtb-pipe" in text:
+        return "qtb-pipe"
+    if name in ("restic", "borg", "tar", "gzip", "scrypt", "ssh"):
+        return name
+    return "other"
+
+
+@dataclass
+class Usage:
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+
+class Sampler(threading.Thread):
+    """Samples the process tree under a pid (20 Hz): CPU seconds and peak RSS per process class.
+    Processes that live < 50 ms may be missed; CPU of the last interval of a process is lost."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil, self.root = psutil, psutil.Process(pid)
+        self.seen: dict[int, tuple[str, float, float]] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except self.psutil.Error:
+                break
+            for p in procs:
+                try:
+                    with p.oneshot():
+                        cls = self.seen.get(p.pid, (None,))[0] or classify(p.cmdline())
+                        t = p.cpu_times()
+                        rss = p.memory_info().rss / 1e6
+                except self.psutil.Error:
+                    continue
+                old = self.seen.get(p.pid, (cls, 0.0, 0.0))
+                self.seen[p.pid] = (cls, t.user + t.system, max(old[2], rss))
+            time.sleep(0.05)
+
+    def usage(self) -> Usage:
+        u = Usage()
+        for cls, cpu, rss in self.seen.values():
+            u.cpu_s[cls] = round(u.cpu_s.get(cls, 0.0) + cpu, 3)
+            u.peak_rss_mb[cls] = round(max(u.peak_rss_mb.get(cls, 0.0), rss), 1)
+        return u
+
+
+@dataclass
+class Step:
+    config: str
+    step: str
+    seconds: float
+    stream_bytes: int = 0
+    repo_bytes: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.stream_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def timed(
+    argv: list[str], env: dict | None = None, stdin=None, stdout=subprocess.DEVNULL
+) -> tuple[float, Usage, bytes]:
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=stdin,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+    )
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.monotonic() - start
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"benchmark step failed: {' '.join(argv[:8])}…: {err.decode(errors='replace')[-500:]}"
+        )
+    return seconds, sampler.usage(), out or b""
+
+
+def du(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def sim(*args: str, env: dict | None = None) -> bytes:
+    return subprocess.run([str(BIN / "qubes-sim"), *args], check=True, capture_output=True, env=env).stdout
+
+
+# --- the benchmark --------------------------------------------------------------------------
+class Bench:
+    def __init__(self, work: Path, size_mib: float, smoke: bool) -> None:
+        self.work, self.smoke = work, smoke
+        self.world = work / "world"
+        self.steps: list[Step] = []
+        self.env = dict(os.environ)
+        if smoke:  # the same code path, but seconds instead of minutes
+            self.env.update(QUBES_SIM_TEST_CHUNK_SIZE=str(4 << 20), QUBES_SIM_TEST_SCRYPT_MAXTIME="0.1")
+        sim("init", str(self.world), "--size-mib", str(size_mib), "--seed", "5")
+        self.volumes_bytes = sum(f.stat().st_size for f in (self.world / "dom0/var/lib/qubes").rglob("*.img"))
+        self.home = self.world / "qubes/backup/home/user"
+        (self.home / "pw").write_text(ENGINE_PW + "\n")
+        self.run_dom0("qtb-pipe", "init", "--backup-qube", "backup")
+        self.run_dom0("qtb-pipe", "install-shim")
+        self.stock_pp = work / "stock-passphrase"
+        self.stock_pp.write_text("a stock passphrase\n")
+
+    def run_dom0(self, *cmd: str, inside: str | None = None) -> bytes:
+        argv = (
+            [str(BIN / "qubes-sim"), "run", str(self.world)]
+            + (["--in", inside] if inside else [])
+            + ["--", *cmd]
+        )
+        proc = subprocess.run(argv, capture_output=True, env=self.env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace')[-500:]}")
+        return proc.stdout
+
+    def sim_argv(self, *cmd: str, inside: str | None = None) -> list[str]:
+        return (
+            [str(BIN / "qubes-sim"), "run", str(self.world)]
+            + (["--in", inside] if inside else [])
+            + ["--", *cmd]
+        )
+
+    def setup_repos(self) -> None:
+        self.adapter_cfg: dict[str, Path] = {}
+        for name, (engine, settings) in QTB_CONFIGS.items():
+            cfg = self.home / f".config/qtb-pipe/{name}.toml"
+            self.adapter_cfg[name] = cfg
+            self.run_dom0(
+                "qtb-adapter",
+                "init",
+                "--config",
+                str(cfg),
+                "--engine",
+                engine,
+                "--repo",
+                str(self.home / f"repo-{name}"),
+                "--password-file",
+                str(self.home / "pw"),
+                *settings,
+                inside="backup",
+            )
+        for repo in ("direct-restic", "raw-restic"):
+            subprocess.run(
+                ["restic", "init", "-r", str(self.work / repo), "--password-file", str(self.home / "pw")],
+                check=True,
+                capture_output=True,
+            )
+        for repo in ("direct-borg", "raw-borg"):
+            subprocess.run(
+                ["borg", "init", "-e", "repokey-blake2", str(self.work / repo)],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
+            )
+
+    def stock(self, state: str) -> None:
+        target = self.home / "stock"
+        target.mkdir(exist_ok=True)
+        seconds, usage, _ = timed(
+            self.sim_argv("qvm-backup", "-y", "-q", "-p", str(self.stock_pp), "-d", "backup", str(target)),
+            env=self.env,
+        )
+        newest = max(target.iterdir(), key=lambda p: p.stat().st_mtime)
+        self.steps.append(Step("stock", state, seconds, newest.stat().st_size, du(target), usage))
+
+    def qtb(self, name: str, state: str) -> None:
+        engine = QTB_CONFIGS[name][0]
+        # the driver's --engine picks the adapter config; point the adapter at this config's file
+        cfg_link = self.home / ".config/qtb-pipe/adapter.toml"
+        cfg_link.unlink(missing_ok=True)
+        cfg_link.symlink_to(self.adapter_cfg[name])
+        seconds, usage, out = timed(
+            self.sim_argv("qtb-pipe", "backup", "--engine", engine, "--json"), env=self.env, stdout=None
+        )
+        result = json.loads(out)
+        self.last_snapshot = getattr(self, "last_snapshot", {})
+        self.last_snapshot[name] = result["snapshot"]
+        self.steps.append(
+            Step(name, state, seconds, result["stream_bytes"], du(self.home / f"repo-{name}"), usage)
+        )
+
+    def capture_stream(self, state: str) -> Path:
+        """The uncompressed stream exactly as qtb-pipe sends it (shim in place, a qtb run)."""
+        token = secrets.token_hex(16)
+        run_dir = self.world / "dom0/var/lib/qtb-pipe/runs" / token
+        run_dir.mkdir(parents=True)
+        secret = bytes.fromhex((self.world / "dom0/etc/qtb-pipe/secret").read_text().strip())
+        pp = self.work / "capture-pp"
+        pp.write_text(shim.make_user_passphrase(token, secret) + "\n")
+        out = self.work / f"stream-{state}"
+        self.run_dom0(
+            "qvm-backup",
+            "-y",
+            "-q",
+            "--no-compress",
+            "-p",
+            str(pp),
+            "-d",
+            "backup",
+            f"dd of={out} bs=1M status=none",
+        )
+        shutil.rmtree(run_dir)
+        return out
+
+    def direct(self, stream: Path, state: str) -> None:
+        size = stream.stat().st_size
+        with open(stream, "rb") as f:
+            seconds, usage, _ = timed(
+                [
+                    "restic",
+                    "-r",
+                    str(self.work / "direct-restic"),
+                    "--password-file",
+                    str(self.home / "pw"),
+                    "backup",
+                    "--stdin",
+                    "--stdin-filename",
+                    "stream",
+                ],
+                stdin=f,
+            )
+        self.steps.append(
+            Step("direct restic --stdin", state, seconds, size, du(self.work / "direct-restic"), usage)
+        )
+        with open(stream, "rb") as f:
+            seconds, usage, _ = timed(
+                [
+                    "borg",
+                    "create",
+                    "--chunker-params",
+                    "buzhash,19,23,20,4095",
+                    "--compression",
+                    "lz4",
+                    f"{self.work / 'direct-borg'}::{state}",
+                    "-",
+                ],
+                stdin=f,
+                env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
+            )
+        self.steps.append(
+            Step("direct borg create -", state, seconds, size, du(self.work / "direct-borg"), usage)
+        )
+
+    def raw(self, state: str) -> None:
+        sources = [str(self.world / "dom0/var/lib/qubes"), str(self.world / "dom0/home")]
+        seconds, usage, _ = timed(
+            [
+                "restic",
+                "-r",
+                str(self.work / "raw-restic"),
+                "--password-file",
+                str(self.home / "pw"),
+                "backup",
+                *sources,
+            ]
+        )
+        self.steps.append(
+            Step("raw files restic", state, seconds, self.volumes_bytes, du(self.work / "raw-restic"), usage)
+        )
+        seconds, usage, _ = timed(
+            [
+                "borg",
+                "create",
+                "--chunker-params",
+                "buzhash,19,23,20,4095",
+                "--compression",
+                "lz4",
+                f"{self.work / 'raw-borg'}::{state}",
+                *sources,
+            ],
+            env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
+        )
+        self.steps.append(
+            Step("raw files borg", state, seconds, self.volumes_bytes, du(self.work / "raw-borg"), usage)
+        )
+
+    def restores(self) -> None:
+        for name, (engine, _) in QTB_CONFIGS.items():
+            cfg_link = self.home / ".config/qtb-pipe/adapter.toml"
+            cfg_link.unlink(missing_ok=True)
+            cfg_link.symlink_to(self.adapter_cfg[name])
+            snap = self.last_snapshot[name]
+            stream_bytes = next(s.stream_bytes for s in reversed(self.steps) if s.config == name)
+            for mode in ("--single-pass", None):
+                seconds, usage, _ = timed(
+                    self.sim_argv(
+                        "qtb-pipe",
+                        "restore",
+                        snap,
+                        "--engine",
+                        engine,
+                        "--rename-conflicting",
+                        *([mode] if mode else []),
+                    ),
+                    env=self.env,
+                )
+                label = "restore (1 pass)" if mode else "restore (verify + restore)"
+                self.steps.append(Step(name, label, seconds, stream_bytes, 0, usage))
+            seconds, usage, _ = timed(
+                self.sim_argv("qtb-adapter", "dump", snap, "--engine", engine, inside="backup"), env=self.env
+            )
+            self.steps.append(Step(name, "engine dump (via adapter)", seconds, stream_bytes, 0, usage))
+
+
+def ratios(steps: list[Step]) -> dict:
+    def get(config: str, step: str) -> Step | None:
+        return next((s for s in steps if s.config == config and s.step == step), None)
+
+    out: dict = {}
+    stock_full = get("stock", "full")
+    stock_total = sum(s.stream_bytes for s in steps if s.config == "stock")
+    for name in QTB_CONFIGS:
+        full, inc, same = get(name, "full"), get(name, "incremental"), get(name, "unchanged")
+        if not (full and inc and same):
+            continue
+        r = {
+            "growth_incremental_pct": round(100 * (inc.repo_bytes - full.repo_bytes) / inc.stream_bytes, 3),
+            "growth_unchanged_pct": round(100 * (same.repo_bytes - inc.repo_bytes) / same.stream_bytes, 3),
+            "repo_after_3_bytes": same.repo_bytes,
+        }
+        if stock_full:
+            r["speed_vs_stock_full"] = round(stock_full.seconds / full.seconds, 2)
+            r["size_vs_stock_full"] = round(stock_full.stream_bytes / full.repo_bytes, 2)
+            r["size_vs_stock_after_3"] = round(stock_total / same.repo_bytes, 2)
+        engine = QTB_CONFIGS[name][0]
+        direct = get(f"direct {'restic --stdin' if engine == 'restic' else 'borg create -'}", "full")
+        if direct:
+            r["throughput_vs_engine_direct_full"] = round(full.mb_per_s / direct.mb_per_s, 3)
+        raw_full, raw_inc = get(f"raw files {engine}", "full"), get(f"raw files {engine}", "incremental")
+        if raw_full and raw_inc and raw_inc.repo_bytes > raw_full.repo_bytes:
+            r["incremental_growth_vs_raw_files"] = round(
+                (inc.repo_bytes - full.repo_bytes) / (raw_inc.repo_bytes - raw_full.repo_bytes), 3
+            )
+        one, dump = get(name, "restore (1 pass)"), get(name, "engine dump (via adapter)")
+        if one and dump:
+            r["restore_vs_engine_dump"] = round(one.mb_per_s / dump.mb_per_s, 3)
+        out[name] = r
+    return out
+
+
+def write_results(out_dir: Path, meta: dict, steps: list[Step], shim_results: list, memory: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "meta": meta,
+        "steps": [{**asdict(s), "mb_per_s": round(s.mb_per_s, 1)} for s in steps],
+        "ratios": ratios(steps),
+        "shim": shim_results,
+        "memory_two_sizes": memory,
+    }
+    (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    lines = [
+        f"# qtb-pipe benchmark, {meta['date']}",
+        "",
+        f"Workload: {meta['volumes_mib']:.0f} MiB of volumes (qubes-sim seed 5), states full → 2% changed → "
+        f"unchanged. Machine: {meta['machine']}.",
+        "",
+        "| config | step | seconds | MB/s | stream | repository after | CPU s by stage | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for s in steps:
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.usage.cpu_s.items(), key=lambda kv: -kv[1])[:4])
+        rss = ", ".join(
+            f"{k} {v:.0f}" for k, v in sorted(s.usage.peak_rss_mb.items(), key=lambda kv: -kv[1])[:3]
+        )
+        lines.append(
+            f"| {s.config} | {s.step} | {s.seconds:.1f} | {s.mb_per_s:.0f} "
+            f"| {s.stream_bytes / 2**20:.0f} MiB | {s.repo_bytes / 2**20:.1f} MiB | {cpu} | {rss} |"
+        )
+    lines += ["", "## Ratios", "", "```", json.dumps(data["ratios"], indent=2), "```"]
+    if shim_results:
+        lines += ["", "## Shim, one chunk", "", "| op | tool | MB/s |", "|---|---|---:|"]
+        lines += [f"| {r['operation']} | {r['tool']} | {r['mb_per_s']:.0f} |" for r in shim_results]
+    if memory:
+        lines += [
+            "",
+            "## Peak RSS (MB) of our processes at two workload sizes",
+            "",
+            "```",
+            json.dumps(memory, indent=2),
+            "```",
+        ]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    charts(out_dir, steps)
+
+
+def charts(out_dir: Path, steps: list[Step]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fulls = [s for s in steps if s.step == "full"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh([s.config for s in fulls], [s.mb_per_s for s in fulls], color="#4a7ab5")
+    ax.set_xlabel("MB/s of stream (full backup)")
+    ax.set_title("Full backup throughput")
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for config in dict.fromkeys(s.config for s in steps if s.step in ("full", "incremental", "unchanged")):
+        series = [s for s in steps if s.config == config and s.step in ("full", "incremental", "unchanged")]
+        sizes = [s.repo_bytes / 2**20 for s in series]
+        ax.plot([s.step for s in series], sizes, marker="o", label=config)
+    ax.set_ylabel("repository / archive size, MiB")
+    ax.set_title("Storage over three backups")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "repository-size.png", dpi=110)
+    plt.close(fig)
+
+
+def peak_rss_of_backup(work: Path, size_mib: float, smoke: bool) -> dict:
+    bench = Bench(work, size_mib, smoke)
+    bench.setup_repos()
+    bench.qtb("qtb+restic", "full")
+    return bench.steps[-1].usage.peak_rss_mb
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=float, default=1024)
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny workload, fast settings: checks the code path only"
+    )
+    p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/<date>)")
+    p.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    args = p.parse_args(argv)
+    size = 12.0 if args.smoke else args.size_mib
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
+    out_dir = args.out or HERE / "results" / (stamp + ("-smoke" if args.smoke else ""))
+    work = Path(tempfile.mkdtemp(prefix="qtb-bench-", dir=args.work))
+    started = time.monotonic()
+    try:
+        bench = Bench(work / "main", size, args.smoke)
+        bench.setup_repos()
+        for state in ("full", "incremental", "unchanged"):
+            if state == "incremental":
+                sim("mutate", str(bench.world), "--percent", "2", "--seed", "9")
+            print(f"bench: state {state}", file=sys.stderr)
+            bench.stock(state)
+            for name in QTB_CONFIGS:
+                bench.qtb(name, state)
+            stream = bench.capture_stream(state)
+            bench.direct(stream, state)
+            stream.unlink()
+            bench.raw(state)
+        bench.restores()
+        from benchmarks.shim_bench import run_shim_benchmark
+
+        shim_size = (4 if args.smoke else 100) << 20
+        shim_results = [
+            {**asdict(r), "mb_per_s": round(r.mb_per_s, 1)}
+            for r in run_shim_benchmark(shim_size, include_real=not args.smoke, work=work)
+        ]
+        memory = {
+            f"{size / 4:.0f} MiB": peak_rss_of_backup(work / "quarter", size / 4, args.smoke),
+            f"{size:.0f} MiB": next(
+                s.usage.peak_rss_mb for s in bench.steps if s.config == "qtb+restic" and s.step == "full"
+            ),
+        }
+        meta = {
+            "date": stamp,
+            "volumes_mib": bench.volumes_bytes / 2**20,
+            "smoke": args.smoke,
+            "machine": f"{os.cpu_count()} cores",
+            "seconds": round(time.monotonic() - started, 1),
+            "stream_note": "stream = uncompressed qvm-backup stream incl. the shim's 56-byte trailers",
+        }
+        write_results(out_dir, meta, bench.steps, shim_results, memory)
+        print(f"bench: results in {out_dir} ({meta['seconds']} s)", file=sys.stderr)
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""`make bench-smoke`: the benchmark's own code path on a tiny workload, so it never rots.
+Nothing here asserts timings; it checks that every configuration ran and reported sane figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_smoke_produces_complete_results(tmp_path: Path):
+    out = tmp_path / "results"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--work", str(tmp_path)],
+        check=True,
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        timeout=600,
+    )
+    data = json.loads((out / "results.json").read_text())
+    configs = {s["config"] for s in data["steps"]}
+    assert {
+        "stock",
+        "qtb+restic",
+        "qtb+borg",
+        "qtb+borg-create",
+        "direct restic --stdin",
+        "direct borg create -",
+        "raw files restic",
+        "raw files borg",
+    } <= configs
+    for s in data["steps"]:
+        assert s["seconds"] > 0
+    for name in ("qtb+restic", "qtb+borg", "qtb+borg-create"):
+        r = data["ratios"][name]
+        assert r["repo_after_3_bytes"] > 0 and "restore_vs_engine_dump" in r and "speed_vs_stock_full" in r
+    assert {r["tool"] for r in data["shim"]} >= {"shim", "cat"}
+    assert len(data["memory_two_sizes"]) == 2
+    assert (out / "results.md").stat().st_size > 0
+    assert (out / "throughput.png").stat().st_size > 0 and (out / "repository-size.png").stat().st_size > 0
