@@ -18,7 +18,7 @@ def repo_bytes(path) -> int:
 
 @pytest.mark.parametrize("engine", ["restic", "borg"])
 def test_unchanged_rerun_grows_repository_by_almost_nothing(tmp_path, engine: str):
-    world = make_world(tmp_path / "big", "--size-mib", "300", "--seed", "21")
+    world = make_world(tmp_path / "big", "--size-mib", "360", "--seed", "21")
     repo = world.qube_home("backup") / "repo"
     setup_qtb(world, engine, repo)
     first = qtb_json(world, "backup")
