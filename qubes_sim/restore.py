@@ -19,19 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import qrexec
+from .backup import HEADER_KEYS
 from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, parse_qubes_xml
 
 HEADER_QUBES_XML_MAX_SIZE = 1024 * 1024
-HEADER_KEYS = {
-    "version",
-    "encrypted",
-    "compressed",
-    "compression-filter",
-    "crypto-algorithm",
-    "hmac-algorithm",
-    "backup-id",
-}
 
 
 @dataclass
