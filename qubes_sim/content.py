@@ -161,8 +161,9 @@ def mutate_image(path: Path, percent: float, rng: random.Random) -> None:
     target = int(blocks * percent / 100)
     with open(path, "r+b") as f:
         written = 0
+        # Real writes cluster (a package's files, a database, the journal): runs of 64 KiB-1 MiB.
         while written < target:
-            run = min(rng.randint(1, 16), target - written)
+            run = min(rng.randint(16, 256), target - written)
             at = rng.randrange(0, max(1, blocks - run)) * BLOCK
             f.seek(at)
             f.write(rng.randbytes(run * BLOCK))

@@ -43,7 +43,7 @@ class Demo:
         )
         proc = subprocess.run(argv, capture_output=True, input=input)
         if show and not self.quiet:
-            for stream in (proc.stdout, proc.stderr):
+            for stream in (proc.stderr, proc.stdout):  # progress notes first, then results
                 text = stream.decode(errors="replace").rstrip()
                 if text and cmd[-1] != "--json":
                     print("  " + text.replace("\n", "\n  "))
