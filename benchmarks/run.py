@@ -43,20 +43,28 @@ QTB_CONFIGS = {  # name -> (engine, adapter settings)
 
 # --- measuring processes ------------------------------------------------------------------
 def classify(cmdline: list[str]) -> str:
+    """The stage a process belongs to, from its command line (engines first: their command lines
+    mention our paths and modules too)."""
     text = " ".join(cmdline)
     name = Path(cmdline[0]).name if cmdline else "?"
+    script = Path(cmdline[1]).name if len(cmdline) > 1 and name.startswith("python") else ""
+    for engine in ("restic", "borg", "gzip", "tar", "ssh"):
+        if engine in (name, script):
+            return engine
+    if name == "scrypt" or (script == "scrypt" and "/usr/bin/" in cmdline[1]):
+        return "real scrypt"
+    if script == "scrypt":
+        return "shim"
+    if "qubes_sim.tools qvm-backup-restore" in text:
+        return "qvm-backup-restore (emulated)"
     if "qubes_sim.tools qvm-backup" in text:
         return "qvm-backup (emulated qubesd)"
     if "qubes_sim" in text:
         return "qubes-sim (other)"
-    if "/usr/local/bin/scrypt" in text and "python" in name:
-        return "shim"
     if "qtb_adapters" in text or "qtb-adapter" in text:
         return "qtb-adapter"
     if "qtb-pipe" in text:
         return "qtb-pipe"
-    if name in ("restic", "borg", "tar", "gzip", "scrypt", "ssh"):
-        return name
     return "other"
 
 
@@ -87,7 +95,7 @@ class Sampler(threading.Thread):
             for p in procs:
                 try:
                     with p.oneshot():
-                        cls = self.seen.get(p.pid, (None,))[0] or classify(p.cmdline())
+                        cls = classify(p.cmdline())  # again each time: the shim execs the real scrypt
                         t = p.cpu_times()
                         rss = p.memory_info().rss / 1e6
                 except self.psutil.Error:

@@ -24,6 +24,7 @@ from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, parse_qubes_xml
 
 HEADER_QUBES_XML_MAX_SIZE = 1024 * 1024
+ZERO_BLOCK = bytes(4096)
 
 
 @dataclass
@@ -408,7 +409,7 @@ class InnerExtractor:
                     view = memoryview(block)
                     for off in range(0, len(block), 4096):
                         piece = view[off : off + 4096]
-                        if piece.tobytes().count(0) == len(piece):
+                        if piece == ZERO_BLOCK[: len(piece)]:
                             out.seek(len(piece), 1)
                         else:
                             out.write(piece)
