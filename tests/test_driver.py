@@ -258,3 +258,19 @@ def test_remote_repositories_round_trip(world: Sim, fresh_world: Sim, request, t
         for name in ("debian-12", "work"):
             restored = f"{name}1" if round_no else name  # second round: the names are taken
             assert got[restored]["files"] == want[name]["files"], (engine, name)
+
+
+def test_prune_keeps_by_policy_and_check_passes(world: Sim):
+    repo = world.qube_home("backup") / "repo"
+    setup_qtb(world, "borg", repo)
+    snaps = [qtb_json(world, "backup", "vault")["snapshot"] for _ in range(3)]
+    dry = qtb_json(world, "prune", "--keep-last", "1", "--dry-run")
+    assert dry["dry_run"] and set(dry["removed"]) == set(snaps[:2])
+    assert {r["id"] for r in qtb_json(world, "list")} == set(snaps)  # a dry run changes nothing
+    result = qtb_json(world, "prune", "--keep-last", "1")
+    assert set(result["removed"]) == set(snaps[:2]) and result["kept"] == [snaps[2]]
+    assert [r["id"] for r in qtb_json(world, "list")] == [snaps[2]]
+    records = sorted(p.name for p in (world.dom0 / "var/lib/qtb-pipe/snapshots").iterdir())
+    assert records == [f"borg-{snaps[2]}.json"]  # dom0 forgets what was pruned
+    assert qtb_json(world, "check")["ok"]
+    qtb(world, "verify")  # the latest, end to end
