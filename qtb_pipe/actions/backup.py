@@ -17,6 +17,8 @@ from ..errors import EXIT_FAILED, EXIT_QUBE, EXIT_SHIM, EXIT_USAGE, QtbError
 from ..runs import TRAILER, Run, ShimRecord, cleanup_stale_runs
 from ..ui import Progress, human_bytes, human_duration, info
 
+QUBES_XML_RETRIEVAL_CAP = 1024 * 1024
+
 
 @dataclass
 class Selection:
@@ -51,6 +53,18 @@ def select_qubes(
         else:
             included.append(name)
     return Selection(included, left_out)
+
+
+def qubes_xml_warning(stored: list[Member]) -> str | None:
+    """qvm-backup-restore fetches qubes.xml from a qube with a fixed 1 MiB cap (facts §3) that
+    --ignore-size-limit does not lift: such a backup could not be restored from the backup qube."""
+    xml = next((m for m in stored if m.name == "qubes.xml.000.enc"), None)
+    if xml is None or xml.size <= QUBES_XML_RETRIEVAL_CAP:
+        return None
+    return (
+        f"qubes.xml.000.enc is {xml.size} bytes, over the 1 MiB that qvm-backup-restore accepts from a qube: "
+        "this snapshot can only be restored from a local copy of the stream (docs/emergency-restore.md)"
+    )
 
 
 def expected_members(records: list[ShimRecord]) -> list[Member]:
@@ -181,7 +195,13 @@ def run_backup(cfg: Config, names: list[str], exclude: list[str], as_json: bool)
         "added_bytes": added,
         "seconds": round(elapsed, 2),
         "throughput_bytes_per_s": int(stream_bytes / elapsed) if elapsed > 0 else None,
+        "warnings": [],
     }
+    warning = qubes_xml_warning(stored)
+    if warning:
+        summary["warnings"].append(warning)
+    for warning in summary["warnings"]:
+        info(f"warning: {warning}", as_json)
     if not as_json:
         print(
             f"snapshot {snapshot_id} ({cfg.engine}) complete: {len(selection.included)} qubes, "

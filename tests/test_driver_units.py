@@ -1,0 +1,46 @@
+"""Driver logic that needs no emulated world."""
+
+from __future__ import annotations
+
+import pytest
+
+from qtb_pipe.actions.backup import check_run, qubes_xml_warning
+from qtb_pipe.adapter import Member
+from qtb_pipe.errors import QtbError
+from qtb_pipe.runs import ShimRecord
+
+BID = "20261124T010203-42"
+
+
+def records() -> list[ShimRecord]:
+    return [
+        ShimRecord("enc", "backup-header", "ok", 120, "aa" * 32, BID),
+        ShimRecord("enc", "qubes.xml.000", "ok", 5000, "bb" * 32, BID),
+        ShimRecord("enc", "vm3/private.img.000", "ok", 9000, "cc" * 32, BID),
+    ]
+
+
+def stored() -> list[Member]:
+    return [
+        Member("backup-header", 120),
+        Member("backup-header.hmac", 176),
+        Member("qubes.xml.000.enc", 5056),
+        Member("vm3/private.img.000.enc", 9056),
+    ]
+
+
+def test_qubes_xml_over_the_restore_cap_is_warned():
+    assert qubes_xml_warning(stored()) is None
+    big = [*stored()[:2], Member("qubes.xml.000.enc", 1024 * 1024 + 1)]
+    assert "1 MiB" in qubes_xml_warning(big)
+
+
+def test_check_run_accepts_exact_match_and_refuses_any_difference():
+    assert check_run(records(), stored()) == BID
+    with pytest.raises(QtbError, match="does not match"):
+        check_run(records(), [*stored()[:3], Member("vm3/private.img.000.enc", 9057)])
+    with pytest.raises(QtbError, match="does not match"):
+        check_run(records(), [*stored(), Member("vm3/private.img.001.enc", 10)])  # stored without a record
+    failed = [*records()[:2], ShimRecord("enc", "vm3/private.img.000", "failed", error="killed")]
+    with pytest.raises(QtbError, match="shim failed"):
+        check_run(failed, stored())
