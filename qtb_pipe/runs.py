@@ -3,7 +3,6 @@ and the shim's records (contract: docs/design.md)."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -75,7 +74,3 @@ def cleanup_stale_runs(max_age_s: float = 7 * 86400) -> None:
                 shutil.rmtree(d, ignore_errors=True)
         except OSError:
             pass
-
-
-def ensure_private_umask() -> None:
-    os.umask(0o077)
