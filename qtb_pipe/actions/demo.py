@@ -151,7 +151,8 @@ def run_demo(workdir: str | None, engine_choice: str, as_json: bool, profile: st
                     f"  {engine:<7} full {human_bytes(r['full']['added_bytes'])} stored, incremental added "
                     f"{r['incremental_added_percent']}% of the stream, restore byte-identical"
                 )
-            demo.say(f"  total {human_duration(report['seconds'])}; work directory: {tmp}")
+            kept = f"; worlds and repositories kept in {tmp}" if workdir else " (--dir DIR keeps the worlds)"
+            demo.say(f"  total {human_duration(report['seconds'])}{kept}")
         return report
     finally:
         if not workdir:
