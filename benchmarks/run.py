@@ -229,6 +229,12 @@ class Bench:
                 env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
             )
 
+    def use_adapter_config(self, name: str) -> None:
+        """The driver's --engine picks the adapter's default config: point it at this configuration's."""
+        link = self.home / ".config/qtb-pipe/adapter.toml"
+        link.unlink(missing_ok=True)
+        link.symlink_to(self.adapter_cfg[name])
+
     def stock(self, state: str) -> None:
         target = self.home / "stock"
         target.mkdir(exist_ok=True)
@@ -241,10 +247,7 @@ class Bench:
 
     def qtb(self, name: str, state: str) -> None:
         engine = QTB_CONFIGS[name][0]
-        # the driver's --engine picks the adapter config; point the adapter at this config's file
-        cfg_link = self.home / ".config/qtb-pipe/adapter.toml"
-        cfg_link.unlink(missing_ok=True)
-        cfg_link.symlink_to(self.adapter_cfg[name])
+        self.use_adapter_config(name)
         seconds, usage, out = timed(
             self.sim_argv("qtb-pipe", "backup", "--engine", engine, "--json"), env=self.env, stdout=None
         )
@@ -352,9 +355,7 @@ class Bench:
 
     def restores(self) -> None:
         for name, (engine, _) in QTB_CONFIGS.items():
-            cfg_link = self.home / ".config/qtb-pipe/adapter.toml"
-            cfg_link.unlink(missing_ok=True)
-            cfg_link.symlink_to(self.adapter_cfg[name])
+            self.use_adapter_config(name)
             snap = self.last_snapshot[name]
             stream_bytes = next(s.stream_bytes for s in reversed(self.steps) if s.config == name)
             # smoke: the two-pass restore is the same code with one more qvm-backup-restore run

@@ -108,15 +108,20 @@ def load_config() -> Config:
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file atomically, created with `mode` from the start (no window with wider access)."""
+    """Write a file atomically, created with `mode` from the start (no window with wider access,
+    whatever the umask); a failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def generate_secret() -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from scrypt_shim import shim as packaged_shim
 
+from .config import write_private
+
 DEFAULT_PREFIX = "/usr/local"
 # systemd's default PATH for services; qubesd's unit sets none (facts §1).
 SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
@@ -223,23 +225,8 @@ def install_shim(root: Path, prefix: str = DEFAULT_PREFIX) -> InstallResult:
         kept_dirs = [str(d) for d in created]
         content = render_shim(real_scrypt, layout.state_dir, kept_dirs)
         action = "installed"
-    _write_atomically(shim_path, content, mode=0o755)
+    write_private(shim_path, content, mode=0o755)
     return InstallResult(shim_path, real_scrypt, version, layout.state_dir, action, created)
-
-
-def _write_atomically(path: Path, content: bytes, mode: int) -> None:
-    temp = path.with_name(f".{path.name}.qtb-install-{os.getpid()}")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def uninstall_shim(root: Path, prefix: str = DEFAULT_PREFIX) -> UninstallResult:
