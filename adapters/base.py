@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,6 +106,18 @@ class RepoSnapshot:
     @property
     def state(self) -> str:
         return "complete" if self.complete else "pending"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "time": self.time.isoformat()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RepoSnapshot:
+        commit = raw.get("commit")
+        return cls(
+            **{k: v for k, v in raw.items() if k not in ("time", "commit")},
+            time=datetime.fromisoformat(raw["time"]),
+            commit=CommitRecord(**commit) if isinstance(commit, dict) else None,
+        )
 
 
 @dataclass

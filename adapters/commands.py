@@ -41,7 +41,7 @@ from .errors import (
 )
 from .manifest import cross_check, parse_sealed_manifest, read_bounded
 from .retention import Dated, KeepPolicy, apply_policy
-from .state import PendingRecord, PendingStore
+from .state import CompleteCache, PendingRecord, PendingStore
 
 DEFAULT_PENDING_AGE = timedelta(hours=24)  # drop-pending without --run/--all/--older-than
 
@@ -77,13 +77,31 @@ class Session:
         self.engine: Engine = load_engine(self.config)
         self.engine.version()
         self.pending_store = PendingStore(self.config.state_dir, self.config.engine)
+        self.complete_cache = CompleteCache(self.config.state_dir, self.config.engine, self.config.repository)
+
+    def listing(self) -> RepoListing:
+        """The repository's snapshots, from the engine (and remembered: see CompleteCache)."""
+        listing = self.engine.listing()
+        self.complete_cache.save([s.to_json() for s in listing.complete])
+        return listing
+
+    def deleted(self) -> None:
+        """Snapshots were deleted: nothing cached may be trusted any more."""
+        self.complete_cache.clear()
 
     def scratch(self) -> Path:
         return self.pending_store.scratch_dir("work")
 
-    def find_complete(self, listing: RepoListing, snapshot_id: str) -> RepoSnapshot:
+    def find_complete(self, snapshot_id: str) -> RepoSnapshot:
         """A complete snapshot by id (a unique prefix of at least 8 characters also does)."""
         check_snapshot_id(snapshot_id)
+        cached = self.complete_cache.load(snapshot_id)
+        if cached is not None:
+            try:
+                return RepoSnapshot.from_json(cached)
+            except (TypeError, KeyError, ValueError):
+                pass  # a damaged cache entry: list instead
+        listing = self.listing()
         exact = [s for s in listing.snapshots if s.id == snapshot_id]
         found = exact or (
             [s for s in listing.snapshots if s.id.startswith(snapshot_id)] if len(snapshot_id) >= 8 else []
@@ -215,8 +233,8 @@ def _pending_snapshot(session: Session, listing: RepoListing, run: str) -> tuple
 
 
 def cmd_pending(session: Session, run: str | None) -> dict[str, Any]:
-    listing = session.engine.listing()
     if run is None:
+        listing = session.listing()
         entries = []
         for snapshot in listing.pending:
             record = session.pending_store.load(snapshot.run)
@@ -225,11 +243,17 @@ def cmd_pending(session: Session, run: str | None) -> dict[str, Any]:
             entries.append(entry)
         return {"pending": entries}
     check_run_id(run)
-    snapshot, record = _pending_snapshot(session, listing, run)
+    # The record that `store` wrote when the engine had saved the run is enough here (no repository
+    # open, ~1 s for restic): `commit` checks the repository itself, before and after.
+    record = session.pending_store.load(run)
+    if record is None:
+        raise SnapshotNotFoundError(
+            f"no pending snapshot for run {run} (its store did not finish, or it was committed or dropped)"
+        )
     return {
         "run": run,
-        "id": snapshot.id,
-        "time": iso(snapshot.time),
+        "id": record.snapshot_id,
+        "time": record.stored_at,
         "engine": session.config.engine,
         "members": [asdict(m) for m in record.members],
         "stream_bytes": record.stream_bytes,
@@ -242,7 +266,7 @@ def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
     check_run_id(run)
     manifest = read_bounded(source)
     info = parse_sealed_manifest(manifest)
-    listing = session.engine.listing()
+    listing = session.listing()
     done = [s for s in listing.snapshots if s.run == run and s.complete]
     if done:
         # A retried commit with the same manifest is a success; anything else is refused.
@@ -265,7 +289,7 @@ def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
     commit.object_id = session.engine.commit(snapshot, manifest, commit, session.scratch())
     # "committed" must mean "restorable": make sure the stream was not dropped meanwhile
     # (a concurrent drop-pending); an orphaned commit object is ignored by every command.
-    after = [s for s in session.engine.listing().complete if s.id == snapshot.id]
+    after = [s for s in session.listing().complete if s.id == snapshot.id]
     if not after:
         raise AdapterError(f"the pending snapshot of run {run} vanished while it was being committed")
     session.pending_store.remove(run)
@@ -280,7 +304,7 @@ def _commit_result(snapshot: RepoSnapshot) -> dict[str, Any]:
 
 # -- manifest, dump -----------------------------------------------------------------------------
 def cmd_manifest(session: Session, snapshot_id: str) -> bytes:
-    snapshot = session.find_complete(session.engine.listing(), snapshot_id)
+    snapshot = session.find_complete(snapshot_id)
     return session.engine.read_manifest(snapshot)
 
 
@@ -295,7 +319,7 @@ def _reader_gone(fd: int) -> bool:
 
 
 def cmd_dump(session: Session, snapshot_id: str, out_fd: int) -> None:
-    snapshot = session.find_complete(session.engine.listing(), snapshot_id)
+    snapshot = session.find_complete(snapshot_id)
     finished = session.engine.dump(snapshot, out_fd)
     if finished.ok:
         return
@@ -312,7 +336,7 @@ def cmd_dump(session: Session, snapshot_id: str, out_fd: int) -> None:
 
 # -- list ---------------------------------------------------------------------------------------
 def cmd_list(session: Session, include_pending: bool) -> dict[str, Any]:
-    listing = session.engine.listing()
+    listing = session.listing()
     snapshots = []
     for snapshot in listing.snapshots:
         if snapshot.complete:
@@ -329,7 +353,7 @@ def cmd_list(session: Session, include_pending: bool) -> dict[str, Any]:
 def cmd_prune(session: Session, policy: KeepPolicy, dry_run: bool) -> dict[str, Any]:
     if policy.empty:
         raise UsageError("prune needs at least one --keep-* option (or a [prune] table in the config)")
-    listing = session.engine.listing()
+    listing = session.listing()
     complete = {s.id: s for s in listing.complete}  # pending ones are not there for prune
     keep, remove = apply_policy([Dated(s.id, s.time) for s in complete.values()], policy)
     result: dict[str, Any] = {
@@ -341,6 +365,7 @@ def cmd_prune(session: Session, policy: KeepPolicy, dry_run: bool) -> dict[str, 
     }
     if remove and not dry_run:
         session.engine.delete([complete[d.id] for d in remove], [])
+        session.deleted()
         result["cleanup"] = session.engine.cleanup()
     return result
 
@@ -362,7 +387,7 @@ def cmd_drop_pending(
 ) -> dict[str, Any]:
     if run is not None:
         check_run_id(run)
-    listing = session.engine.listing()
+    listing = session.listing()
     now = utc_now()
     limit = older_than if older_than is not None else DEFAULT_PENDING_AGE
     victims: list[RepoSnapshot] = []
@@ -385,6 +410,7 @@ def cmd_drop_pending(
         orphans = [o for o in listing.orphans if drop_all or o.time is None or now - o.time >= limit]
     if victims or orphans:
         session.engine.delete(victims, orphans)
+        session.deleted()
     for victim in victims:
         record = session.pending_store.load(victim.run)
         if record is None or record.snapshot_id == victim.id:

@@ -84,3 +84,55 @@ class PendingStore:
         path = self.directory.parent.parent / "tmp" / purpose
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
+
+
+class CompleteCache:
+    """The complete snapshots of the last full listing (`<state_dir>/complete/<engine>.json`).
+
+    Why: every engine start costs restic ~0.7 s of key derivation, and a restore runs `dump` three
+    times (qvm-backup-restore's three qubes.Restore calls) after `list` and `manifest`. Listing the
+    repository again before each dump doubled that. Only "complete" is cached, never "pending", and
+    a snapshot stays complete until it is deleted: deleting through the adapter empties the cache,
+    and one deleted behind its back makes the engine's own dump fail, as it would have anyway.
+    Only exact ids are looked up here; anything else lists the repository.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, state_dir: Path, engine: str, repository: str) -> None:
+        self.path = state_dir / "complete" / f"{engine}.json"
+        self.repository = repository
+
+    def save(self, snapshots: list[dict[str, object]]) -> None:
+        data = {"format": self.FORMAT, "repository": self.repository, "snapshots": snapshots}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # only a cache: the next command lists the repository instead
+
+    def load(self, snapshot_id: str) -> dict[str, object] | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not (
+            isinstance(data, dict)
+            and data.get("format") == self.FORMAT
+            and data.get("repository") == self.repository
+            and isinstance(data.get("snapshots"), list)
+        ):
+            return None
+        return next(
+            (s for s in data["snapshots"] if isinstance(s, dict) and s.get("id") == snapshot_id), None
+        )
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass

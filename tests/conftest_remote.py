@@ -83,7 +83,13 @@ class AdapterHome:
     def config_path(self) -> Path:
         return self.home / ".config/qtb-pipe/adapter.toml"
 
-    def run(self, *args: str, stdin: bytes | Path | int | None = None, timeout: float = 300) -> Result:
+    def run(
+        self,
+        *args: str,
+        stdin: bytes | Path | int | None = None,
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
+    ) -> Result:
         handle = None
         if isinstance(stdin, Path):
             handle = open(stdin, "rb")  # noqa: SIM115 - closed below
@@ -101,7 +107,7 @@ class AdapterHome:
                 input=data,
                 stdin=None if data is not None else stdin_arg,
                 capture_output=True,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 timeout=timeout,
             )
         finally:

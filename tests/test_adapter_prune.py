@@ -59,7 +59,13 @@ def test_prune_ignores_pending_and_drop_pending_removes_them(engine: str, tmp_pa
     dry = home.ok("prune", "--keep-last", "1", "--dry-run", "--json").json()
     assert dry["keep"] == [complete[-1]] and sorted(dry["remove"]) == sorted(complete[:-1])
     assert len(home.snapshots()) == 3
+    # A snapshot the last listing saw complete is dumped without listing the repository again.
+    traced = home.run("dump", complete[0], env={"QTB_ADAPTER_DEBUG": "1"})
+    assert traced.returncode == 0 and traced.stdout[:512] != bytes(512)
+    engine_runs = [line for line in traced.stderr.splitlines() if "version" not in line]
+    assert len(engine_runs) == 1 and (" dump " in engine_runs[0] or " export-tar " in engine_runs[0])
     pruned = home.ok("prune", "--keep-last", "1", "--json").json()
+    assert home.run("dump", complete[0]).returncode == 4  # deleted: no longer served from the cache
     assert pending_id not in pruned["keep"] + pruned["remove"]
     assert [s["id"] for s in home.snapshots()] == [complete[-1]]
     assert [s["id"] for s in home.snapshots(pending=True) if s["state"] == "pending"] == [pending_id]
