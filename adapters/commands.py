@@ -214,24 +214,6 @@ def cmd_store(session: Session, run: str, stream_fd: int) -> dict[str, Any]:
 
 
 # -- pending ------------------------------------------------------------------------------------
-def _pending_snapshot(session: Session, listing: RepoListing, run: str) -> tuple[RepoSnapshot, PendingRecord]:
-    record = session.pending_store.load(run)
-    by_run = [s for s in listing.snapshots if s.run == run]
-    committed = [s for s in by_run if s.complete]
-    if committed:
-        raise SnapshotNotFoundError(f"run {run} is already committed as snapshot {committed[0].id}")
-    if record is None:
-        if by_run:
-            raise SnapshotNotFoundError(
-                f"run {run} has a pending snapshot but no member record here (store did not finish)"
-            )
-        raise SnapshotNotFoundError(f"no pending snapshot for run {run}")
-    matches = [s for s in by_run if s.id == record.snapshot_id]
-    if not matches:
-        raise SnapshotNotFoundError(f"the pending snapshot {record.snapshot_id} of run {run} is gone")
-    return matches[0], record
-
-
 def cmd_pending(session: Session, run: str | None) -> dict[str, Any]:
     if run is None:
         listing = session.listing()
@@ -266,14 +248,18 @@ def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
     check_run_id(run)
     manifest = read_bounded(source)
     info = parse_sealed_manifest(manifest)
-    listing = session.listing()
-    done = [s for s in listing.snapshots if s.run == run and s.complete]
-    if done:
-        # A retried commit with the same manifest is a success; anything else is refused.
-        if done[0].commit and done[0].commit.manifest_sha256 == info.sha256:
-            return _commit_result(done[0])
-        raise AdapterError(f"run {run} is already committed as snapshot {done[0].id} with another manifest")
-    snapshot, record = _pending_snapshot(session, listing, run)
+    record = session.pending_store.load(run)
+    if record is None:
+        # No record: a retry after a successful commit (same manifest: success), or nothing to commit.
+        listing = session.listing()
+        done = [s for s in listing.snapshots if s.run == run and s.complete]
+        if done:
+            return _already_committed(done[0], run, info.sha256)
+        if any(s.run == run for s in listing.snapshots):
+            raise SnapshotNotFoundError(
+                f"run {run} has a pending snapshot but no member record here (store did not finish)"
+            )
+        raise SnapshotNotFoundError(f"no pending snapshot for run {run}")
     cross_check(info, record.members)
     commit = CommitRecord(
         object_id="",
@@ -286,14 +272,39 @@ def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
         manifest_bytes=info.size,
         committed_at=iso(utc_now()),
     )
-    commit.object_id = session.engine.commit(snapshot, manifest, commit, session.scratch())
-    # "committed" must mean "restorable": make sure the stream was not dropped meanwhile
-    # (a concurrent drop-pending); an orphaned commit object is ignored by every command.
-    after = [s for s in session.listing().complete if s.id == snapshot.id]
+    # Straight to the engine (one repository open less: ~1 s for restic); the listing after it
+    # is what decides. The stream object named by the record gets the commit object.
+    stream = RepoSnapshot(
+        id=record.snapshot_id, run=run, time=parse_engine_time(record.stored_at), method=record.method
+    )
+    try:
+        commit.object_id = session.engine.commit(stream, manifest, commit, session.scratch())
+    except AdapterError:
+        # e.g. borg: the commit archive exists already (an earlier commit whose record stayed)
+        done = [s for s in session.listing().snapshots if s.run == run and s.complete]
+        if done:
+            session.pending_store.remove(run)
+            return _already_committed(done[0], run, info.sha256)
+        raise
+    # "committed" must mean "restorable": the stream must still be there (a concurrent
+    # drop-pending); an orphaned commit object is ignored by every command.
+    after = [s for s in session.listing().snapshots if s.id == stream.id and s.complete]
     if not after:
         raise AdapterError(f"the pending snapshot of run {run} vanished while it was being committed")
     session.pending_store.remove(run)
+    assert after[0].commit is not None
+    if after[0].commit.object_id != commit.object_id:
+        # The run had a commit object already (the first one counts; ours is an orphan for
+        # drop-pending): the same manifest makes this a retry, another one is refused.
+        return _already_committed(after[0], run, info.sha256)
     return _commit_result(after[0])
+
+
+def _already_committed(snapshot: RepoSnapshot, run: str, manifest_sha256: str) -> dict[str, Any]:
+    """A retried commit with the same manifest is a success; anything else is refused."""
+    if snapshot.commit and snapshot.commit.manifest_sha256 == manifest_sha256:
+        return _commit_result(snapshot)
+    raise AdapterError(f"run {run} is already committed as snapshot {snapshot.id} with another manifest")
 
 
 def _commit_result(snapshot: RepoSnapshot) -> dict[str, Any]:

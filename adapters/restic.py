@@ -288,10 +288,9 @@ class ResticEngine(Engine):
         for item in sorted(commits, key=lambda i: i["time"]):
             values = _tag_values(item.get("tags") or [])
             stream = streams.get(values.get("qtb-of", ""))
-            if stream is None:
-                orphans.append(
-                    Orphan(item["id"], "commit object without stream", parse_engine_time(item["time"]))
-                )
+            if stream is None or stream.commit is not None:  # the first commit object counts
+                kind = "commit object without stream" if stream is None else "second commit object"
+                orphans.append(Orphan(item["id"], kind, parse_engine_time(item["time"])))
                 continue
             stream.commit = CommitRecord(
                 object_id=item["id"],

@@ -39,6 +39,15 @@ QTB_CONFIGS = {  # name -> (engine, adapter settings)
     "qtb+borg": ("borg", []),  # import-tar, the adapter's default
     "qtb+borg-create": ("borg", ["--set", "store_method=create"]),
 }
+RESTIC_DIRECT = ("direct-restic", "raw-restic")  # the lower bounds' repositories
+BORG_DIRECT = ("direct-borg", "raw-borg")
+
+
+STARTED = time.monotonic()
+
+
+def progress(text: str) -> None:
+    print(f"bench: [{time.monotonic() - STARTED:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
 # --- measuring processes ------------------------------------------------------------------
@@ -196,38 +205,41 @@ class Bench:
             + ["--", *cmd]
         )
 
-    def setup_repos(self) -> None:
-        self.adapter_cfg: dict[str, Path] = {}
-        for name, (engine, settings) in QTB_CONFIGS.items():
-            cfg = self.home / f".config/qtb-pipe/{name}.toml"
-            self.adapter_cfg[name] = cfg
-            self.run_dom0(
+    def setup_repos(self, configs: tuple[str, ...] = tuple(QTB_CONFIGS), lower_bounds: bool = True) -> None:
+        """Initialise the repositories, all at once: each init is mostly an engine's key derivation."""
+        self.adapter_cfg = {name: self.home / f".config/qtb-pipe/{name}.toml" for name in configs}
+        jobs = [
+            self.sim_argv(
                 "qtb-adapter",
                 "init",
                 "--config",
-                str(cfg),
+                str(self.adapter_cfg[name]),
                 "--engine",
-                engine,
+                QTB_CONFIGS[name][0],
                 "--repo",
                 str(self.home / f"repo-{name}"),
                 "--password-file",
                 str(self.home / "pw"),
-                *settings,
+                *QTB_CONFIGS[name][1],
                 inside="backup",
             )
-        for repo in ("direct-restic", "raw-restic"):
-            subprocess.run(
-                ["restic", "init", "-r", str(self.work / repo), "--password-file", str(self.home / "pw")],
-                check=True,
-                capture_output=True,
-            )
-        for repo in ("direct-borg", "raw-borg"):
-            subprocess.run(
-                ["borg", "init", "-e", "repokey-blake2", str(self.work / repo)],
-                check=True,
-                capture_output=True,
-                env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
-            )
+            for name in configs
+        ]
+        if lower_bounds:
+            pw = str(self.home / "pw")
+            jobs += [
+                ["restic", "init", "-r", str(self.work / r), "--password-file", pw] for r in RESTIC_DIRECT
+            ]
+            jobs += [["borg", "init", "-e", "repokey-blake2", str(self.work / r)] for r in BORG_DIRECT]
+        env = {**self.env, "BORG_PASSPHRASE": ENGINE_PW}
+        procs = [
+            subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for argv in jobs
+        ]
+        for argv, proc in zip(jobs, procs, strict=True):
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"{' '.join(argv[:8])}… failed: {err.decode(errors='replace')[-500:]}")
 
     def use_adapter_config(self, name: str) -> None:
         """The driver's --engine picks the adapter's default config: point it at this configuration's."""
@@ -490,7 +502,7 @@ def charts(out_dir: Path, steps: list[Step]) -> None:
 
 def peak_rss_of_backup(work: Path, size_mib: float, smoke: bool) -> dict:
     bench = Bench(work, size_mib, smoke)
-    bench.setup_repos()
+    bench.setup_repos(("qtb+restic",), lower_bounds=False)
     bench.qtb("qtb+restic", "full")
     return bench.steps[-1].usage.peak_rss_mb
 
@@ -510,20 +522,26 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="qtb-bench-", dir=args.work))
     started = time.monotonic()
     try:
+        progress("building the workload")
         bench = Bench(work / "main", size, args.smoke)
+        progress("initialising repositories")
         bench.setup_repos()
         for state in ("full", "incremental", "unchanged"):
             if state == "incremental":
                 sim("mutate", str(bench.world), "--percent", "2", "--seed", "9")
-            print(f"bench: state {state}", file=sys.stderr)
+            progress(f"state {state}")
             bench.stock(state)
             for name in QTB_CONFIGS:
                 bench.qtb(name, state)
+            progress("capturing the stream for the direct runs")
             stream = bench.capture_stream(state)
             bench.direct(stream, state)
             stream.unlink()
+            progress("raw files")
             bench.raw(state)
+        progress("restores")
         bench.restores()
+        progress("shim micro-benchmark")
         from benchmarks.shim_bench import run_shim_benchmark
 
         shim_size = (4 if args.smoke else 100) << 20
@@ -531,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             {**asdict(r), "mb_per_s": round(r.mb_per_s, 1)}
             for r in run_shim_benchmark(shim_size, include_real=not args.smoke, work=work)
         ]
+        progress("memory at a quarter of the size")
         memory = {
             f"{size / 4:.0f} MiB": peak_rss_of_backup(work / "quarter", size / 4, args.smoke),
             f"{size:.0f} MiB": next(

@@ -141,19 +141,6 @@ class Adapter:
             )
         return out
 
-    def find(self, snapshot_id: str) -> Snapshot:
-        for snap in self.snapshots():
-            if snap.id == snapshot_id:
-                if snap.state != "complete":
-                    raise QtbError(
-                        f"snapshot {snapshot_id} is {snap.state}, not complete: it cannot be restored",
-                        EXIT_SNAPSHOT,
-                    )
-                return snap
-        raise QtbError(
-            f"no snapshot {snapshot_id} in the {self.engine} repository: see `qtb-pipe list`", EXIT_SNAPSHOT
-        )
-
     def pending_members(self, run_id: str) -> list[Member]:
         data = self._json("pending", "--run", run_id, "--engine", self.engine)
         if not isinstance(data, dict) or not isinstance(data.get("members"), list):
@@ -176,9 +163,19 @@ class Adapter:
         return data
 
     def manifest(self, snapshot_id: str) -> bytes:
-        return self._call(
-            "manifest", check_snapshot_id(snapshot_id), "--engine", self.engine, limit=MAX_MANIFEST
-        )
+        """The sealed manifest of a complete snapshot (the adapter refuses unknown and pending ones)."""
+        try:
+            return self._call(
+                "manifest", check_snapshot_id(snapshot_id), "--engine", self.engine, limit=MAX_MANIFEST
+            )
+        except QtbError as e:
+            if e.code != EXIT_SNAPSHOT:
+                raise
+            raise QtbError(
+                f"no complete snapshot {snapshot_id} in the {self.engine} repository of '{self.qube}': "
+                "see `qtb-pipe list` (pending ones were never committed and cannot be restored)",
+                EXIT_SNAPSHOT,
+            ) from None
 
     def drop_pending(self, run_id: str | None = None) -> None:
         args = ["drop-pending", "--engine", self.engine] + (["--run", run_id] if run_id else [])

@@ -141,6 +141,8 @@ def test_store_pending_commit_dump_roundtrip(target: Target, v4, tmp_path: Path)
     assert refused.returncode == 4 and refused.stdout == b""
     one_error_line(refused.stderr)
 
+    record = home.home / f".local/state/qtb-pipe/pending/{target.engine}/{run}.json"
+    kept_record = record.read_bytes()  # to replay "the commit was saved, but its record stayed"
     committed = home.ok("commit", "--run", run, "--json", stdin=backup.manifest(target.engine)).json()
     assert committed["id"] == stored["id"]
     [listed] = home.snapshots()
@@ -171,6 +173,23 @@ def test_store_pending_commit_dump_roundtrip(target: Target, v4, tmp_path: Path)
         == listed["id"]
     )
     assert home.run("pending", "--run", run).returncode == 4
+
+    # The same, had the first commit died after the engine saved it but before its record was
+    # removed: the first commit object counts, another manifest is refused.
+    other = json.loads(backup.manifest(target.engine))
+    other["manifest"]["created"] = "2026-11-25T00:00:00Z"
+    other_manifest = json.dumps(other, sort_keys=True, separators=(",", ":")).encode()
+    for manifest, code in ((backup.manifest(target.engine), 0), (other_manifest, 1)):
+        record.write_bytes(kept_record)
+        retried = home.run("commit", "--run", run, "--json", stdin=manifest)
+        assert retried.returncode == code, retried.stderr
+        if code == 0:
+            assert retried.json()["id"] == listed["id"]
+        else:
+            assert "already committed" in one_error_line(retried.stderr)
+    [again] = home.snapshots()
+    assert again["id"] == listed["id"]
+    assert home.ok("manifest", listed["id"]).stdout == backup.manifest(target.engine)
 
 
 def _store_interrupted(

@@ -192,6 +192,8 @@ def test_bad_input_one_line_errors(tmp_path: Path, world: Sim):
         proc = qtb(world, *args, check=False)
         assert proc.returncode == code, (args, proc.stderr)
         assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
+        if code == 4:
+            assert b"qtb-pipe list" in proc.stderr  # says what to do next
     # wrong secret: the manifest does not verify
     other = make_world(tmp_path / "other", "--bare")
     setup_qtb(other, "restic", repo, recovery_key="ab" * 32)
