@@ -37,5 +37,12 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
         assert r["repo_after_3_bytes"] > 0 and "restore_vs_engine_dump" in r and "speed_vs_stock_full" in r
     assert {r["tool"] for r in data["shim"]} >= {"shim", "cat"}
     assert len(data["memory_two_sizes"]) == 2
+    for sizes in data["memory_two_sizes"].values():
+        assert {"qtb-pipe", "qtb-adapter", "shim"} <= set(sizes)
+    quarter = {(s["config"], s["step"]) for s in data["quarter_size_steps"]}
+    assert {
+        (c, "full") for c in ("qtb+restic", "qtb+borg", "direct restic --stdin", "direct borg create -")
+    } <= quarter
+    assert set(data["marginal"]) == {"qtb+restic", "qtb+borg"}  # its figures are noise at this size
     assert (out / "results.md").stat().st_size > 0
     assert (out / "throughput.png").stat().st_size > 0 and (out / "repository-size.png").stat().st_size > 0
