@@ -375,13 +375,14 @@ class Bench:
             Step("raw files borg", state, seconds, self.volumes_bytes, du(self.work / "raw-borg"), usage)
         )
 
-    def restores(self) -> None:
-        for name, (engine, _) in QTB_CONFIGS.items():
+    def restores(self, configs: tuple[str, ...] = tuple(QTB_CONFIGS), two_pass: bool = True) -> None:
+        for name in configs:
+            engine = QTB_CONFIGS[name][0]
             self.use_adapter_config(name)
             snap = self.last_snapshot[name]
             stream_bytes = next(s.stream_bytes for s in reversed(self.steps) if s.config == name)
             # smoke: the two-pass restore is the same code with one more qvm-backup-restore run
-            for mode in ("--single-pass",) if self.smoke else ("--single-pass", None):
+            for mode in ("--single-pass", None) if two_pass and not self.smoke else ("--single-pass",):
                 seconds, usage, _ = timed(
                     self.sim_argv(
                         "qtb-pipe",
@@ -473,20 +474,16 @@ def write_results(
     lines += ["", "## Ratios", "", "```", json.dumps(data["ratios"], indent=2), "```"]
     lines += [
         "",
-        "## Per-byte speed (full backups at this size and at a quarter of it; fixed costs cancel)",
+        "## Per-byte speed (this size against a quarter of it: fixed per-run costs cancel)",
         "",
-        "| config | at 1/4 size: s, MB/s | marginal MB/s | engine direct marginal MB/s | ratio |",
-        "|---|---:|---:|---:|---:|",
+        "MB/s on the bytes the full-size run has beyond the quarter-size run's.",
+        "",
+        "| config | backup | engine direct | ratio | restore (1 pass) | engine dump | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in data["marginal"].items():
-        small = next((q for q in quarter if q.config == name), None)
-        lines.append(
-            f"| {name} | {small.seconds:.1f} s, {small.mb_per_s:.0f} |" if small else f"| {name} | – |"
-        )
-        lines[-1] += (
-            f" {m['marginal_mb_per_s']} | {m['engine_direct_marginal_mb_per_s']} "
-            f"| {m['marginal_throughput_vs_engine_direct']} |"
-        )
+        cells = [m[k] for k in MARGINAL_KEYS]
+        lines.append(f"| {name} | " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
     if shim_results:
         lines += ["", "## Shim, one chunk", "", "| op | tool | MB/s |", "|---|---|---:|"]
         lines += [f"| {r['operation']} | {r['tool']} | {r['mb_per_s']:.0f} |" for r in shim_results]
@@ -542,16 +539,31 @@ def quarter_size_run(work: Path, size_mib: float, smoke: bool) -> list[Step]:
         bench.qtb(name, "full")
     stream = bench.capture_stream("full")
     bench.direct(stream, "full")
+    bench.restores(MARGINAL_CONFIGS, two_pass=False)
     return bench.steps
+
+
+MARGINAL_KEYS = (  # the columns of the per-byte table, in order
+    "marginal_mb_per_s",
+    "engine_direct_marginal_mb_per_s",
+    "marginal_throughput_vs_engine_direct",
+    "restore_marginal_mb_per_s",
+    "dump_marginal_mb_per_s",
+    "marginal_restore_vs_engine_dump",
+)
+
+
+def _mb(rate: float | None) -> float | None:
+    return round(rate / 1e6, 1) if rate else None
 
 
 def marginal(main_steps: list[Step], quarter_steps: list[Step]) -> dict:
     """Throughput on the bytes the full-size run has beyond the quarter run's: fixed per-run costs
     (engine starts, key derivations, qube and process starts) cancel out."""
 
-    def rate(config: str) -> float | None:
-        big = next((s for s in main_steps if s.config == config and s.step == "full"), None)
-        small = next((s for s in quarter_steps if s.config == config and s.step == "full"), None)
+    def rate(config: str, step: str = "full") -> float | None:
+        big = next((s for s in main_steps if s.config == config and s.step == step), None)
+        small = next((s for s in quarter_steps if s.config == config and s.step == step), None)
         if not (big and small) or big.seconds <= small.seconds:
             return None
         return (big.stream_bytes - small.stream_bytes) / (big.seconds - small.seconds)
@@ -560,10 +572,14 @@ def marginal(main_steps: list[Step], quarter_steps: list[Step]) -> dict:
     for name in MARGINAL_CONFIGS:
         engine = QTB_CONFIGS[name][0]
         ours, direct = rate(name), rate(DIRECT_LABEL[engine])
+        restore, dump = rate(name, "restore (1 pass)"), rate(name, "engine dump (via adapter)")
         out[name] = {
-            "marginal_mb_per_s": round(ours / 1e6, 1) if ours else None,
-            "engine_direct_marginal_mb_per_s": round(direct / 1e6, 1) if direct else None,
+            "marginal_mb_per_s": _mb(ours),
+            "engine_direct_marginal_mb_per_s": _mb(direct),
             "marginal_throughput_vs_engine_direct": round(ours / direct, 3) if ours and direct else None,
+            "restore_marginal_mb_per_s": _mb(restore),
+            "dump_marginal_mb_per_s": _mb(dump),
+            "marginal_restore_vs_engine_dump": round(restore / dump, 3) if restore and dump else None,
         }
     return out
 

@@ -43,6 +43,9 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
     assert {
         (c, "full") for c in ("qtb+restic", "qtb+borg", "direct restic --stdin", "direct borg create -")
     } <= quarter
+    for config in ("qtb+restic", "qtb+borg"):
+        assert {(config, "restore (1 pass)"), (config, "engine dump (via adapter)")} <= quarter
     assert set(data["marginal"]) == {"qtb+restic", "qtb+borg"}  # its figures are noise at this size
+    assert "Per-byte speed" in (out / "results.md").read_text()
     assert (out / "results.md").stat().st_size > 0
     assert (out / "throughput.png").stat().st_size > 0 and (out / "repository-size.png").stat().st_size > 0
