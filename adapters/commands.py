@@ -17,6 +17,7 @@ from .base import (
     SNAPSHOT_ID_RE,
     CommitRecord,
     Engine,
+    Orphan,
     RepoListing,
     RepoSnapshot,
     check_engine_name,
@@ -85,9 +86,19 @@ class Session:
         self.complete_cache.save([s.to_json() for s in listing.complete])
         return listing
 
-    def deleted(self) -> None:
-        """Snapshots were deleted: nothing cached may be trusted any more."""
+    def delete(self, snapshots: list[RepoSnapshot], orphans: list[Orphan]) -> None:
+        """Delete through the engine; the cache is emptied before (a delete that fails halfway can
+        leave a stream pending) and after (a listing that ran meanwhile may have saved it again)."""
         self.complete_cache.clear()
+        try:
+            self.engine.delete(snapshots, orphans)
+        finally:
+            self.complete_cache.clear()
+
+    def pending_record(self, run: str) -> PendingRecord | None:
+        """`store`'s record of a run, if it is for this repository (the config may have changed)."""
+        record = self.pending_store.load(run)
+        return record if record is not None and record.repository == self.config.repository else None
 
     def scratch(self) -> Path:
         return self.pending_store.scratch_dir("work")
@@ -98,9 +109,24 @@ class Session:
         cached = self.complete_cache.load(snapshot_id)
         if cached is not None:
             try:
-                return RepoSnapshot.from_json(cached)
+                snapshot = RepoSnapshot.from_json(cached)
+                if snapshot.complete:
+                    return snapshot
             except (TypeError, KeyError, ValueError):
                 pass  # a damaged cache entry: list instead
+        return self._find_listed(snapshot_id)
+
+    def cached_failure(self, snapshot_id: str, error: Exception) -> Exception:
+        """The engine failed on a snapshot the cache called complete: if a listing no longer shows
+        it complete, that is the error to report (exit 4), not the engine's."""
+        self.complete_cache.clear()
+        try:
+            self._find_listed(snapshot_id)
+        except SnapshotNotFoundError as gone:
+            return gone
+        return error
+
+    def _find_listed(self, snapshot_id: str) -> RepoSnapshot:
         listing = self.listing()
         exact = [s for s in listing.snapshots if s.id == snapshot_id]
         found = exact or (
@@ -226,8 +252,8 @@ def cmd_pending(session: Session, run: str | None) -> dict[str, Any]:
         return {"pending": entries}
     check_run_id(run)
     # The record that `store` wrote when the engine had saved the run is enough here (no repository
-    # open, ~1 s for restic): `commit` checks the repository itself, before and after.
-    record = session.pending_store.load(run)
+    # open, ~1 s for restic): `commit` checks the repository itself.
+    record = session.pending_record(run)
     if record is None:
         raise SnapshotNotFoundError(
             f"no pending snapshot for run {run} (its store did not finish, or it was committed or dropped)"
@@ -248,7 +274,7 @@ def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
     check_run_id(run)
     manifest = read_bounded(source)
     info = parse_sealed_manifest(manifest)
-    record = session.pending_store.load(run)
+    record = session.pending_record(run)
     if record is None:
         # No record: a retry after a successful commit (same manifest: success), or nothing to commit.
         listing = session.listing()
@@ -281,7 +307,7 @@ def cmd_commit(session: Session, run: str, source: BinaryIO) -> dict[str, Any]:
         commit.object_id = session.engine.commit(stream, manifest, commit, session.scratch())
     except AdapterError:
         # e.g. borg: the commit archive exists already (an earlier commit whose record stayed)
-        done = [s for s in session.listing().snapshots if s.run == run and s.complete]
+        done = [s for s in session.listing().snapshots if s.id == stream.id and s.complete]
         if done:
             session.pending_store.remove(run)
             return _already_committed(done[0], run, info.sha256)
@@ -316,7 +342,10 @@ def _commit_result(snapshot: RepoSnapshot) -> dict[str, Any]:
 # -- manifest, dump -----------------------------------------------------------------------------
 def cmd_manifest(session: Session, snapshot_id: str) -> bytes:
     snapshot = session.find_complete(snapshot_id)
-    return session.engine.read_manifest(snapshot)
+    try:
+        return session.engine.read_manifest(snapshot)
+    except AdapterError as error:
+        raise session.cached_failure(snapshot_id, error) from None
 
 
 def _reader_gone(fd: int) -> bool:
@@ -342,7 +371,7 @@ def cmd_dump(session: Session, snapshot_id: str, out_fd: int) -> None:
         or "broken pipe" in finished.stderr_text.lower()
     ):
         return
-    raise session.engine.classify(finished, "dump")
+    raise session.cached_failure(snapshot_id, session.engine.classify(finished, "dump"))
 
 
 # -- list ---------------------------------------------------------------------------------------
@@ -375,8 +404,7 @@ def cmd_prune(session: Session, policy: KeepPolicy, dry_run: bool) -> dict[str, 
         "cleanup": None,
     }
     if remove and not dry_run:
-        session.engine.delete([complete[d.id] for d in remove], [])
-        session.deleted()
+        session.delete([complete[d.id] for d in remove], [])
         result["cleanup"] = session.engine.cleanup()
     return result
 
@@ -420,8 +448,7 @@ def cmd_drop_pending(
     if run is None:
         orphans = [o for o in listing.orphans if drop_all or o.time is None or now - o.time >= limit]
     if victims or orphans:
-        session.engine.delete(victims, orphans)
-        session.deleted()
+        session.delete(victims, orphans)
     for victim in victims:
         record = session.pending_store.load(victim.run)
         if record is None or record.snapshot_id == victim.id:

@@ -285,7 +285,8 @@ class ResticEngine(Engine):
             elif COMMIT_TAG in tags:
                 commits.append(item)
         orphans = []
-        for item in sorted(commits, key=lambda i: i["time"]):
+        # The first commit object of a stream counts: by time (parsed: restic prints local offsets), then id.
+        for item in sorted(commits, key=lambda i: (parse_engine_time(i["time"]), i["id"])):
             values = _tag_values(item.get("tags") or [])
             stream = streams.get(values.get("qtb-of", ""))
             if stream is None or stream.commit is not None:  # the first commit object counts

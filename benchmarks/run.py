@@ -217,7 +217,7 @@ class Bench:
             + ["--", *cmd]
         )
 
-    def setup_repos(self, configs: tuple[str, ...] = tuple(QTB_CONFIGS), lower_bounds: bool = True) -> None:
+    def setup_repos(self, configs: tuple[str, ...] = tuple(QTB_CONFIGS), raw_files: bool = True) -> None:
         """Initialise the repositories (at once, but restic ones one by one: see below)."""
         self.adapter_cfg = {name: self.home / f".config/qtb-pipe/{name}.toml" for name in configs}
         jobs = [
@@ -237,18 +237,33 @@ class Bench:
             )
             for name in configs
         ]
-        if lower_bounds:
-            pw = str(self.home / "pw")
-            jobs += [
-                ["restic", "init", "-r", str(self.work / r), "--password-file", pw] for r in RESTIC_DIRECT
-            ]
-            jobs += [["borg", "init", "-e", "repokey-blake2", str(self.work / r)] for r in BORG_DIRECT]
+        restic_adapter = [argv for argv in jobs if "restic" in argv]
+        pw = str(self.home / "pw")
+        # The same chunker polynomial as the adapter's repository (restic picks one at random
+        # per repository), so growth compares the data, not two chunkings of it. borg has no
+        # such option: its chunker seed is random per repository (results.md says how much
+        # that moves its figures).
+        source = ["--from-repo", str(self.home / "repo-qtb+restic"), "--from-password-file", pw]
+        copy = [*source, "--copy-chunker-params"] if restic_adapter and not self.smoke else []
+        restic_direct = [
+            ["restic", "init", "-r", str(self.work / r), "--password-file", pw, *copy]
+            for r in RESTIC_DIRECT
+            if raw_files or not r.startswith("raw")
+        ]
+        jobs += [
+            ["borg", "init", "-e", "repokey-blake2", str(self.work / r)]
+            for r in BORG_DIRECT
+            if raw_files or not r.startswith("raw")
+        ]
+        others = [argv for argv in jobs if argv not in restic_adapter]
+        if self.smoke:  # nothing is measured: all at once
+            run_together(others + restic_adapter + restic_direct, self.env)
+            return
         # restic sizes its key derivation to the machine's speed at init (~0.5 s then): made while
         # other inits run, a repository gets a cheaper one, and its runs look faster. So restic's are
-        # made one at a time on an otherwise idle machine (borg's is fixed); smoke measures nothing.
-        restic_jobs = [] if self.smoke else [argv for argv in jobs if "restic" in argv]
-        run_together([argv for argv in jobs if argv not in restic_jobs], self.env)
-        for argv in restic_jobs:
+        # made one at a time on an otherwise idle machine (borg's is fixed).
+        run_together(others, self.env)
+        for argv in restic_adapter + restic_direct:
             run_together([argv], self.env)
 
     def use_adapter_config(self, name: str) -> None:
@@ -534,7 +549,7 @@ def quarter_size_run(work: Path, size_mib: float, smoke: bool) -> list[Step]:
     """Full backups of a world a quarter the size: peak memory at two sizes, and (with the main
     run) the per-byte speed of our pipe against the engine fed directly, without fixed costs."""
     bench = Bench(work, size_mib, smoke)
-    bench.setup_repos(MARGINAL_CONFIGS)
+    bench.setup_repos(MARGINAL_CONFIGS, raw_files=False)
     for name in MARGINAL_CONFIGS:
         bench.qtb(name, "full")
     stream = bench.capture_stream("full")

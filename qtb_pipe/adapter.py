@@ -172,8 +172,7 @@ class Adapter:
             if e.code != EXIT_SNAPSHOT:
                 raise
             raise QtbError(
-                f"no complete snapshot {snapshot_id} in the {self.engine} repository of '{self.qube}': "
-                "see `qtb-pipe list` (pending ones were never committed and cannot be restored)",
+                f"{e}: see `qtb-pipe list` (a pending snapshot was never committed and cannot be restored)",
                 EXIT_SNAPSHOT,
             ) from None
 

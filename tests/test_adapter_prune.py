@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest_remote import AdapterHome
+from conftest_remote import ENGINE_PASSWORD, AdapterHome
 from qtb_adapters.retention import Dated, KeepPolicy, apply_policy
 from streamtools import make_backup, write_stream
 
@@ -84,3 +85,14 @@ def test_prune_ignores_pending_and_drop_pending_removes_them(engine: str, tmp_pa
         "output": "",
     }
     assert home.ok("dump", complete[-1]).stdout[:512] != bytes(512)
+
+    # Deleted behind the adapter's back (the last listing cached it as complete): a clean exit 4.
+    if engine == "restic":
+        argv = ["restic", "--repo", str(tmp_path / "repo"), "--password-file", str(home.password_file)]
+        subprocess.run([*argv, "forget", complete[-1]], env=home.env, capture_output=True, check=True)
+    else:
+        env = {**home.env, "BORG_PASSPHRASE": ENGINE_PASSWORD}
+        subprocess.run(["borg", "delete", f"{tmp_path / 'repo'}::{complete[-1]}"], env=env, check=True)
+    gone = home.run("dump", complete[-1])
+    assert gone.returncode == 4 and gone.stdout == b"", gone.stderr
+    assert home.run("manifest", complete[-1]).returncode == 4

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from qtb_pipe.actions.backup import check_run, qubes_xml_warning
+from qtb_pipe.actions.restore import resolve_snapshot_id
 from qtb_pipe.adapter import Member
+from qtb_pipe.config import SnapshotRecord, save_record
 from qtb_pipe.errors import QtbError
 from qtb_pipe.runs import ShimRecord
 
@@ -44,3 +46,14 @@ def test_check_run_accepts_exact_match_and_refuses_any_difference():
     failed = [*records()[:2], ShimRecord("enc", "vm3/private.img.000", "failed", error="killed")]
     with pytest.raises(QtbError, match="shim failed"):
         check_run(failed, stored())
+
+
+def test_unique_prefix_of_a_recorded_snapshot_stands_for_its_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
+    for sid, engine in (("abcdef0123", "restic"), ("abcdef0199", "restic"), ("abcdef7777", "borg")):
+        save_record(SnapshotRecord(sid, engine, BID, "2026-11-24T00:00:00Z", ["work"], 1, "00" * 32))
+    assert resolve_snapshot_id("restic", "abcdef01") == "abcdef01"  # ambiguous: left to the adapter
+    assert resolve_snapshot_id("restic", "abcdef012") == "abcdef0123"
+    assert resolve_snapshot_id("restic", "abcdef77") == "abcdef77"  # another engine's snapshot
+    assert resolve_snapshot_id("borg", "abcdef77") == "abcdef7777"
+    assert resolve_snapshot_id("borg", "abcdef7") == "abcdef7"  # under 8 characters: never expanded

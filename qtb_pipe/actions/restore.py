@@ -20,6 +20,16 @@ from ..runs import Run
 from ..ui import human_bytes, info
 
 
+def resolve_snapshot_id(engine: str, snapshot_id: str) -> str:
+    """A unique prefix (8+ characters) of a snapshot dom0 recorded stands for its full id, as in
+    restic; anything else is passed on as given (the adapter resolves prefixes in its repository)."""
+    ids = [sid for eng, sid in load_records() if eng == engine]
+    if len(snapshot_id) < 8 or snapshot_id in ids:
+        return snapshot_id
+    matches = [sid for sid in ids if sid.startswith(snapshot_id)]
+    return matches[0] if len(matches) == 1 else snapshot_id
+
+
 def fetch_manifest(
     adapter: Adapter, snapshot_id: str, secret: str, quiet: bool, new_system: bool
 ) -> tuple[bytes, dict]:
@@ -127,6 +137,7 @@ def run_restore(
             EXIT_SHIM,
         )
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
+    snapshot_id = resolve_snapshot_id(cfg.engine, snapshot_id)
     sealed, manifest = fetch_manifest(adapter, snapshot_id, secret, as_json, new_system)
     paths: dict[str, str] = manifest.get("paths") or {}
     unknown = [n for n in names if n not in manifest.get("qubes", [])]
