@@ -1,6 +1,6 @@
 """`make bench`: qtb-pipe against stock qvm-backup and against the engines fed directly.
 
-    python -m benchmarks.run [--size-mib 1024] [--smoke] [--out DIR]
+    python -m benchmarks.run [--size 1G] [--smoke] [--out DIR]
 
 One workload (qubes-sim, deterministic seed), three states: the initial world, ~2% of blocks
 rewritten plus inserted/appended data and new dom0 files, and the same again unchanged. For each
@@ -134,6 +134,14 @@ class Step:
     @property
     def mb_per_s(self) -> float:
         return self.stream_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+    def cpu_s_per_gb(self) -> dict[str, float]:
+        """CPU seconds per GB of this step's stream (raw-file rows: of the volumes), by stage."""
+        gb = self.stream_bytes / 1e9
+        return {k: round(v / gb, 2) for k, v in self.usage.cpu_s.items()} if gb else {}
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "mb_per_s": round(self.mb_per_s, 1), "cpu_s_per_gb": self.cpu_s_per_gb()}
 
 
 def timed(
@@ -460,8 +468,8 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {
         "meta": meta,
-        "steps": [{**asdict(s), "mb_per_s": round(s.mb_per_s, 1)} for s in steps],
-        "quarter_size_steps": [{**asdict(s), "mb_per_s": round(s.mb_per_s, 1)} for s in quarter],
+        "steps": [s.as_json() for s in steps],
+        "quarter_size_steps": [s.as_json() for s in quarter],
         "ratios": ratios(steps),
         "marginal": marginal(steps, quarter),
         "shim": shim_results,
@@ -474,11 +482,14 @@ def write_results(
         f"Workload: {meta['volumes_mib']:.0f} MiB of volumes (qubes-sim seed 5), states full → 2% changed → "
         f"unchanged. Machine: {meta['machine']}.",
         "",
-        "| config | step | seconds | MB/s | stream | repository after | CPU s by stage | peak RSS MB |",
+        "| config | step | seconds | MB/s | stream | repository after | CPU s per GB, by stage "
+        "| peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for s in steps:
-        cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.usage.cpu_s.items(), key=lambda kv: -kv[1])[:4])
+        cpu = ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(s.cpu_s_per_gb().items(), key=lambda kv: -kv[1])[:4]
+        )
         rss = ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(s.usage.peak_rss_mb.items(), key=lambda kv: -kv[1])[:3]
         )
@@ -599,16 +610,34 @@ def marginal(main_steps: list[Step], quarter_steps: list[Step]) -> dict:
     return out
 
 
+def parse_size(text: str) -> float:
+    """MiB from 512M, 1G, 1.5G or a plain number of MiB."""
+    units = {"M": 1, "G": 1024, "T": 1024 * 1024}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "M")
+    try:
+        mib = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 1G, 20G)") from None
+    if not 8 <= mib <= 1024 * 1024:
+        raise argparse.ArgumentTypeError(f"size out of range: {text!r} (8M to 1T)")
+    return mib
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=float, default=1024)
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=1024.0,
+        help="volumes of the workload, e.g. 512M, 1G (default), 20G",
+    )
     p.add_argument(
         "--smoke", action="store_true", help="tiny workload, fast settings: checks the code path only"
     )
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results/<date>)")
     p.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
-    size = 12.0 if args.smoke else args.size_mib
+    size = 12.0 if args.smoke else args.size
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
     out_dir = args.out or HERE / "results" / (stamp + ("-smoke" if args.smoke else ""))
     work = Path(tempfile.mkdtemp(prefix="qtb-bench-", dir=args.work))

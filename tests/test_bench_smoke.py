@@ -49,3 +49,21 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
     assert "Per-byte speed" in (out / "results.md").read_text()
     assert (out / "results.md").stat().st_size > 0
     assert (out / "throughput.png").stat().st_size > 0 and (out / "repository-size.png").stat().st_size > 0
+
+
+def test_bench_size_flag_takes_units_and_refuses_nonsense():
+    repo = Path(__file__).parent.parent
+    sizes = "print([parse_size(t) for t in ('512M', '1G', '1.5g', '2048')])"
+    done = subprocess.run(
+        [sys.executable, "-c", f"from benchmarks.run import parse_size; {sizes}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "[512.0, 1024.0, 1536.0, 2048.0]"
+    for bad in ("3x", "4K", "0.001G", "-1G"):
+        refused = subprocess.run(
+            [sys.executable, "-m", "benchmarks.run", "--size", bad], cwd=repo, capture_output=True, text=True
+        )
+        assert refused.returncode == 2 and "--size" in refused.stderr.splitlines()[-1]
