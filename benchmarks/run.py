@@ -14,6 +14,7 @@ files. Then restores. Results: results.json, results.md, PNG charts in benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -326,77 +327,30 @@ class Bench:
         shutil.rmtree(run_dir)
         return out
 
+    def lower_bound(
+        self, label: str, repo: str, state: str, size: int, inputs: list[str], stdin: Path | None = None
+    ) -> None:
+        """The engine itself, with our settings for it: fed the captured stream, or given the files."""
+        target = str(self.work / repo)
+        if repo.endswith("restic"):
+            argv = ["restic", "-r", target, "--password-file", str(self.home / "pw"), "backup", *inputs]
+        else:  # the adapter's borg settings
+            chunker = ["--chunker-params", "buzhash,19,23,20,4095", "--compression", "lz4"]
+            argv = ["borg", "create", *chunker, f"{target}::{state}", *inputs]
+        with open(stdin, "rb") if stdin else contextlib.nullcontext() as source:
+            seconds, usage, _ = timed(argv, stdin=source, env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW})
+        self.steps.append(Step(label, state, seconds, size, du(self.work / repo), usage))
+
     def direct(self, stream: Path, state: str) -> None:
         size = stream.stat().st_size
-        with open(stream, "rb") as f:
-            seconds, usage, _ = timed(
-                [
-                    "restic",
-                    "-r",
-                    str(self.work / "direct-restic"),
-                    "--password-file",
-                    str(self.home / "pw"),
-                    "backup",
-                    "--stdin",
-                    "--stdin-filename",
-                    "stream",
-                ],
-                stdin=f,
-            )
-        self.steps.append(
-            Step(DIRECT_LABEL["restic"], state, seconds, size, du(self.work / "direct-restic"), usage)
-        )
-        with open(stream, "rb") as f:
-            seconds, usage, _ = timed(
-                [
-                    "borg",
-                    "create",
-                    "--chunker-params",
-                    "buzhash,19,23,20,4095",
-                    "--compression",
-                    "lz4",
-                    f"{self.work / 'direct-borg'}::{state}",
-                    "-",
-                ],
-                stdin=f,
-                env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
-            )
-        self.steps.append(
-            Step(DIRECT_LABEL["borg"], state, seconds, size, du(self.work / "direct-borg"), usage)
-        )
+        stdin_args = ["--stdin", "--stdin-filename", "stream"]
+        self.lower_bound(DIRECT_LABEL["restic"], "direct-restic", state, size, stdin_args, stream)
+        self.lower_bound(DIRECT_LABEL["borg"], "direct-borg", state, size, ["-"], stream)
 
     def raw(self, state: str) -> None:
         sources = [str(self.world / "dom0/var/lib/qubes"), str(self.world / "dom0/home")]
-        seconds, usage, _ = timed(
-            [
-                "restic",
-                "-r",
-                str(self.work / "raw-restic"),
-                "--password-file",
-                str(self.home / "pw"),
-                "backup",
-                *sources,
-            ]
-        )
-        self.steps.append(
-            Step("raw files restic", state, seconds, self.volumes_bytes, du(self.work / "raw-restic"), usage)
-        )
-        seconds, usage, _ = timed(
-            [
-                "borg",
-                "create",
-                "--chunker-params",
-                "buzhash,19,23,20,4095",
-                "--compression",
-                "lz4",
-                f"{self.work / 'raw-borg'}::{state}",
-                *sources,
-            ],
-            env={**os.environ, "BORG_PASSPHRASE": ENGINE_PW},
-        )
-        self.steps.append(
-            Step("raw files borg", state, seconds, self.volumes_bytes, du(self.work / "raw-borg"), usage)
-        )
+        self.lower_bound("raw files restic", "raw-restic", state, self.volumes_bytes, sources)
+        self.lower_bound("raw files borg", "raw-borg", state, self.volumes_bytes, sources)
 
     def restores(self, configs: tuple[str, ...] = tuple(QTB_CONFIGS), two_pass: bool = True) -> None:
         for name in configs:
