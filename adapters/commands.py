@@ -117,8 +117,9 @@ class Session:
         return self._find_listed(snapshot_id)
 
     def cached_failure(self, snapshot_id: str, error: Exception) -> Exception:
-        """The engine failed on a snapshot the cache called complete: if a listing no longer shows
-        it complete, that is the error to report (exit 4), not the engine's."""
+        """The engine failed on a snapshot found complete (by the cache, or by a listing that may
+        since be stale): if a fresh listing no longer shows it complete, that is the error to report
+        (exit 4), not the engine's."""
         self.complete_cache.clear()
         try:
             self._find_listed(snapshot_id)

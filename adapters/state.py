@@ -15,6 +15,22 @@ from pathlib import Path
 from .tarstream import Member
 
 
+def write_json_private(path: Path, data: object, *, durable: bool) -> None:
+    """Replace `path` (mode 0600, in a 0700 directory) with `data` as JSON, all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the replace
+
+
 @dataclass
 class PendingRecord:
     run: str
@@ -46,15 +62,7 @@ class PendingStore:
         return self.directory / f"{run}.json"
 
     def save(self, record: PendingRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = self.path(record.run)
-        tmp = target.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record.to_json(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        write_json_private(self.path(record.run), record.to_json(), durable=True)
 
     def load(self, run: str) -> PendingRecord | None:
         try:
@@ -106,12 +114,7 @@ class CompleteCache:
     def save(self, snapshots: list[dict[str, object]]) -> None:
         data = {"format": self.FORMAT, "repository": self.repository, "snapshots": snapshots}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle)
-            os.replace(tmp, self.path)
+            write_json_private(self.path, data, durable=False)
         except OSError:
             pass  # only a cache: the next command lists the repository instead
 
