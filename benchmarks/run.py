@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from scrypt_shim import shim
+from qtb_pipe import runs
 
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
@@ -83,6 +83,15 @@ def classify(cmdline: list[str]) -> str:
 class Usage:
     cpu_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def combine(self, other: Usage) -> Usage:
+        """Two runs one after the other: CPU adds up, the peak is the higher one."""
+        cpu = {k: self.cpu_s.get(k, 0.0) + other.cpu_s.get(k, 0.0) for k in {*self.cpu_s, *other.cpu_s}}
+        rss = {
+            k: max(self.peak_rss_mb.get(k, 0.0), other.peak_rss_mb.get(k, 0.0))
+            for k in {*self.peak_rss_mb, *other.peak_rss_mb}
+        }
+        return Usage(cpu, rss)
 
 
 class Sampler(threading.Thread):
@@ -186,6 +195,11 @@ def du(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def md_section(title: str, text: str, header: str, align: str) -> list[str]:
+    """The opening of a results.md section: title, what was run, a table's header and alignment."""
+    return ["", f"## {title}", "", text, "", header, align]
+
+
 def sim(*args: str, env: dict | None = None) -> bytes:
     return subprocess.run([str(BIN / "qubes-sim"), *args], check=True, capture_output=True, env=env).stdout
 
@@ -285,7 +299,7 @@ class Bench:
         target = self.home / "stock"
         target.mkdir(exist_ok=True)
         seconds, usage, _ = timed(
-            self.sim_argv("qvm-backup", "-y", "-q", "-p", str(self.stock_pp), "-d", "backup", str(target)),
+            self.sim_argv("qvm-backup", "-y", "-p", str(self.stock_pp), "-d", "backup", str(target)),
             env=self.env,
         )
         newest = max(target.iterdir(), key=lambda p: p.stat().st_mtime)
@@ -294,12 +308,16 @@ class Bench:
     def qtb(self, name: str, state: str) -> None:
         engine = QTB_CONFIGS[name][0]
         self.use_adapter_config(name)
+        # --full: every qube streams again, what the engine's deduplication is measured on (the nightly
+        # run that skips unchanged qubes is the "typical night" scenario)
         seconds, usage, out = timed(
-            self.sim_argv("qtb-pipe", "backup", "--engine", engine, "--json"), env=self.env, stdout=None
+            self.sim_argv("qtb-pipe", "backup", "--engine", engine, "--full", "--json"),
+            env=self.env,
+            stdout=None,
         )
         result = json.loads(out)
-        self.last_snapshot = getattr(self, "last_snapshot", {})
-        self.last_snapshot[name] = result["snapshot"]
+        self.last_snapshots = getattr(self, "last_snapshots", {})
+        self.last_snapshots[name] = result["snapshots"]
         self.steps.append(
             Step(name, state, seconds, result["stream_bytes"], du(self.home / f"repo-{name}"), usage)
         )
@@ -311,12 +329,11 @@ class Bench:
         run_dir.mkdir(parents=True)
         secret = bytes.fromhex((self.world / "dom0/etc/qtb-pipe/secret").read_text().strip())
         pp = self.work / "capture-pp"
-        pp.write_text(shim.make_user_passphrase(token, secret) + "\n")
+        pp.write_text(runs.make_user_passphrase(token, secret) + "\n")
         out = self.work / f"stream-{state}"
         self.run_dom0(
             "qvm-backup",
             "-y",
-            "-q",
             "--no-compress",
             "-p",
             str(pp),
@@ -356,27 +373,21 @@ class Bench:
         for name in configs:
             engine = QTB_CONFIGS[name][0]
             self.use_adapter_config(name)
-            snap = self.last_snapshot[name]
+            snaps = self.last_snapshots[name]
             stream_bytes = next(s.stream_bytes for s in reversed(self.steps) if s.config == name)
-            # smoke: the two-pass restore is the same code with one more qvm-backup-restore run
+            # the whole system: every snapshot of the last backup (one per qube, one stock restore each;
+            # `restore --all` would pick them from dom0's records, which here mix the configurations);
+            # smoke: the two-pass restore is the same code with one more qvm-backup-restore run per snapshot
             for mode in ("--single-pass", None) if two_pass and not self.smoke else ("--single-pass",):
-                seconds, usage, _ = timed(
-                    self.sim_argv(
-                        "qtb-pipe",
-                        "restore",
-                        snap,
-                        "--engine",
-                        engine,
-                        "--rename-conflicting",
-                        *([mode] if mode else []),
-                    ),
-                    env=self.env,
-                )
+                seconds, usage = 0.0, Usage()
+                for snap in snaps:
+                    argv = ["qtb-pipe", "restore", snap, "--engine", engine, "--rename-conflicting"]
+                    took, used, _ = timed(self.sim_argv(*argv, *([mode] if mode else [])), env=self.env)
+                    seconds, usage = seconds + took, usage.combine(used)
                 label = "restore (1 pass)" if mode else "restore (verify + restore)"
                 self.steps.append(Step(name, label, seconds, stream_bytes, 0, usage))
-            seconds, usage, _ = timed(
-                self.sim_argv("qtb-adapter", "dump", snap, "--engine", engine, inside="backup"), env=self.env
-            )
+            dump = " && ".join(f"qtb-adapter dump {snap} --engine {engine}" for snap in snaps)
+            seconds, usage, _ = timed(self.sim_argv("sh", "-c", dump, inside="backup"), env=self.env)
             self.steps.append(Step(name, "engine dump (via adapter)", seconds, stream_bytes, 0, usage))
 
 
@@ -417,7 +428,15 @@ def ratios(steps: list[Step]) -> dict:
 
 
 def write_results(
-    out_dir: Path, meta: dict, steps: list[Step], shim_results: list, memory: dict, quarter: list[Step]
+    out_dir: Path,
+    meta: dict,
+    steps: list[Step],
+    shim_results: list,
+    memory: dict,
+    quarter: list[Step],
+    night: dict,
+    formats: dict,
+    load: dict,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {
@@ -428,6 +447,9 @@ def write_results(
         "marginal": marginal(steps, quarter),
         "shim": shim_results,
         "memory_two_sizes": memory,
+        "typical_night": night,
+        "inner_formats": formats,
+        "many_nights": load,
     }
     (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = [
@@ -476,6 +498,11 @@ def write_results(
             json.dumps(memory, indent=2),
             "```",
         ]
+    from benchmarks.formats import formats_markdown
+    from benchmarks.load import load_markdown
+    from benchmarks.night import night_markdown
+
+    lines += night_markdown(night) + formats_markdown(formats) + load_markdown(load)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     charts(out_dir, steps)
 
@@ -597,9 +624,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="qtb-bench-", dir=args.work))
     started = time.monotonic()
     quarter: list[Step] = []
-    quarter_thread = threading.Thread(
-        target=lambda: quarter.extend(quarter_size_run(work / "quarter", size / 4, args.smoke)), daemon=True
-    )
+
+    def run_quarter() -> None:
+        try:
+            quarter.extend(quarter_size_run(work / "quarter", size / 4, args.smoke))
+        except SystemExit as e:  # a thread drops SystemExit silently: say why here
+            print(f"bench: quarter-size run: {e}", file=sys.stderr)
+
+    quarter_thread = threading.Thread(target=run_quarter, daemon=True)
     try:
         if args.smoke:  # nothing is measured: run it alongside, to stay well under a minute
             quarter_thread.start()
@@ -622,6 +654,19 @@ def main(argv: list[str] | None = None) -> int:
             bench.raw(state)
         progress("restores")
         bench.restores()
+        progress("a typical night")
+        from benchmarks.night import typical_night
+
+        night = typical_night(work / "night", size, bench.env)
+        progress("inner formats: LVM thin (qubes.tarwriter) and file pools (GNU tar)")
+        from benchmarks.formats import inner_formats
+
+        formats = inner_formats(work / "formats", size / 4, bench.env)
+        progress("many nights in a row")
+        from benchmarks.load import many_nights
+
+        nights = 3 if args.smoke else 30
+        load = {e: many_nights(work / "load" / e, bench.env, e, nights) for e in ("restic", "borg")}
         progress("shim micro-benchmark")
         from benchmarks.shim_bench import run_shim_benchmark
 
@@ -654,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.monotonic() - started, 1),
             "stream_note": "stream = uncompressed qvm-backup stream incl. the shim's 56-byte trailers",
         }
-        write_results(out_dir, meta, bench.steps, shim_results, memory, quarter)
+        write_results(out_dir, meta, bench.steps, shim_results, memory, quarter, night, formats, load)
         print(f"bench: results in {out_dir} ({meta['seconds']} s)", file=sys.stderr)
         return 0
     finally:

@@ -1,0 +1,126 @@
+"""Many nights in a row (issue 14, "Also"): a small world backed up once, then every night one qube
+ran and changed a little; then prune with the default retention, check, verify every qube's newest
+copy and restore one qube next to itself. Reports how backup, list, prune and restore times and the
+dom0/adapter state sizes grow with the number of snapshots (they must not grow faster than
+linearly). `tests/test_load.py` (slow tier) runs the same function and checks what it did.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.night import Night
+from benchmarks.run import BIN, du, md_section, sim
+
+RAN = ("work", "vault", "personal")  # one of them runs each day, in turn
+
+
+def digest(world: Path, qube: str) -> dict:
+    out = subprocess.run(
+        [str(BIN / "qubes-sim"), "digest", str(world), qube, "--json"], check=True, capture_output=True
+    ).stdout
+    return json.loads(out)["qubes"][qube]["files"]
+
+
+def many_nights(work: Path, env: dict, engine: str, nights: int = 30, size_mib: float = 16) -> dict:
+    night = Night(work, size_mib, env)
+    world, repo = night.world, night.home / f"repo-{engine}"
+    _, first = night.timed_json("qtb-pipe", "backup", "--engine", engine)
+    rows = []
+    for number in range(nights):
+        qube = RAN[number % len(RAN)]
+        sim("mutate", str(world), qube, "--percent", "1", "--seed", str(100 + number))
+        backup_s, done = night.timed_json("qtb-pipe", "backup", "--engine", engine)
+        list_s, listed = night.timed_json("qtb-pipe", "list", "--engine", engine)
+        rows.append({
+            "night": number + 1,
+            "ran": qube,
+            "backed_up": sorted(q for q, r in done["qubes"].items() if r["status"] == "backed up"),
+            "backup_seconds": round(backup_s, 2),
+            "list_seconds": round(list_s, 2),
+            "snapshots": len(listed["snapshots"]),
+            "dom0_state_bytes": du(world / "dom0/var/lib/qtb-pipe"),
+            "adapter_state_bytes": du(night.home / ".local/state/qtb-pipe"),
+            "repository_bytes": du(repo),
+        })  # fmt: skip
+    prune_s, pruned = night.timed_json("qtb-pipe", "prune", "--engine", engine)
+    check_s, _ = night.timed_json("qtb-pipe", "check", "--engine", engine)
+    verify_s, verified = night.timed_json("qtb-pipe", "verify", "--engine", engine)
+    restore = ["qtb-pipe", "restore", "--engine", engine, "--qube", "work", "--rename-conflicting"]
+    restore_s, restored = night.timed_json(*restore, "--single-pass")
+    _, after = night.timed_json("qtb-pipe", "list", "--engine", engine)
+    return {
+        "engine": engine,
+        "first_backup": {"seconds": first["seconds"], "qubes": sorted(first["qubes"])},
+        "nights": rows,
+        "prune": {
+            "seconds": round(prune_s, 2),
+            "removed": len(pruned["removed"]),
+            "kept": len(pruned["kept"]),
+        },
+        "check_seconds": round(check_s, 2),
+        "verify": {
+            "seconds": round(verify_s, 2),
+            "qubes": {q: v["ok"] for q, v in verified["qubes"].items()},
+        },
+        "restore_one_qube": {
+            "seconds": round(restore_s, 2),
+            "ok": restored["qubes"]["work"]["ok"],
+            "identical": digest(world, "work-1") == digest(world, "work"),
+        },
+        "after_prune": {"snapshots": len(after["snapshots"])},
+    }
+
+
+def growth(rows: list[dict], key: str, span: int = 5) -> float | None:
+    """The mean of the last `span` nights over the first `span`: 1 is flat, ~N is linear."""
+    if len(rows) < 2 * span:
+        return None
+    head = sum(r[key] for r in rows[:span]) / span
+    tail = sum(r[key] for r in rows[-span:]) / span
+    return round(tail / head, 2) if head else None
+
+
+def load_markdown(results: dict) -> list[str]:
+    lines = md_section(
+        "Many nights in a row (issue 14)",
+        "One qube ran each night (1% changed), then `qtb-pipe backup`; growth = mean of the last 5 nights "
+        "over the first 5 (1 = flat). Then prune (default retention), check, verify, restore one qube.",
+        "| engine | nights | snapshots | backup s first→last "
+        "| growth: backup, list, dom0 state, adapter state | prune s (removed) | verify s "
+        "| restore s (identical) |",
+        "|---|---:|---:|---|---|---|---:|---|",
+    )
+    for r in results.values():
+        rows = r["nights"]
+        lines.append(
+            f"| {r['engine']} | {len(rows)} | {rows[-1]['snapshots']} | "
+            f"{rows[0]['backup_seconds']}→{rows[-1]['backup_seconds']} | "
+            + ", ".join(
+                str(growth(rows, k))
+                for k in ("backup_seconds", "list_seconds", "dom0_state_bytes", "adapter_state_bytes")
+            )
+            + f" | {r['prune']['seconds']} ({r['prune']['removed']}) | {r['verify']['seconds']} | "
+            f"{r['restore_one_qube']['seconds']} ({r['restore_one_qube']['identical']}) |"
+        )
+    return lines
+
+
+def main() -> None:  # python -m benchmarks.load WORKDIR: the scenario alone, its JSON on stdout
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser()
+    p.add_argument("work", type=Path)
+    p.add_argument("--nights", type=int, default=30)
+    args = p.parse_args()
+    started = time.monotonic()
+    results = {e: many_nights(args.work / e, dict(os.environ), e, args.nights) for e in ("restic", "borg")}
+    print(json.dumps({"seconds": round(time.monotonic() - started, 1), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""A typical night (issue 10): the benchmark world backed up once, then a day on which two of its
+qubes ran; the nightly run against a --full run of the same state, one small qube restored from its
+own copy against from a whole-system run, and `restore --all` against restoring that one run.
+
+Ratios in one run, no timed assertions. The "whole-system run" is what qtb-pipe did before the
+per-qube history: every qube in one qvm-backup, one snapshot; it is made here with the driver's own
+`backup_unit`, so both sides use the same code but for the split.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.run import BIN, ENGINE_PW, du, md_section, sim
+
+CHANGED = ("work", "vault")  # the qubes that "ran" during the day
+SMALL = "vault"  # the small qube restored on its own
+
+WHOLE_SYSTEM_UNIT = """
+import json, sys
+from qtb_pipe import qubes
+from qtb_pipe.actions.backup import backup_unit, qube_entries, select_qubes
+from qtb_pipe.adapter import Adapter
+from qtb_pipe.config import load_config, load_secret
+from qtb_pipe.ui import Progress
+cfg = load_config(); cfg.engine = sys.argv[1]
+everything = qubes.list_qubes()
+names = select_qubes(cfg, everything, [], []).included
+unit = backup_unit(cfg, Adapter(cfg.backup_qube, cfg.engine), load_secret(), qube_entries(everything, names),
+                   dict.fromkeys(names), Progress("whole system", False))
+print(json.dumps({"snapshot": unit.snapshot, "stream_bytes": unit.stream_bytes}))
+"""
+
+
+class Night:
+    def __init__(self, work: Path, size_mib: float, env: dict, pool: str = "vm-pool") -> None:
+        self.world, self.env = work / "world", env
+        sim("init", str(self.world), "--size-mib", str(size_mib), "--seed", "5", "--pool", pool)
+        home = self.world / "qubes/backup/home/user"
+        (home / "pw").write_text(ENGINE_PW + "\n")
+        self.run("qtb-pipe", "init", "--backup-qube", "backup")
+        self.run("qtb-pipe", "install-shim")
+        for engine in ("restic", "borg"):
+            self.run(
+                "qtb-adapter", "init", "--engine", engine, "--repo", str(home / f"repo-{engine}"),
+                "--password-file", str(home / "pw"), inside="backup",
+            )  # fmt: skip
+        self.home = home
+
+    def run(self, *cmd: str, inside: str | None = None) -> tuple[float, bytes]:
+        argv = [
+            str(BIN / "qubes-sim"),
+            "run",
+            str(self.world),
+            *(["--in", inside] if inside else []),
+            "--",
+            *cmd,
+        ]
+        start = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, env=self.env)
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"night: {' '.join(cmd[:6])} failed: {proc.stderr.decode(errors='replace')[-500:]}"
+            )
+        return time.monotonic() - start, proc.stdout
+
+    def timed_json(self, *cmd: str) -> tuple[float, dict]:
+        seconds, out = self.run(*cmd, "--json")
+        return seconds, json.loads(out)
+
+    def volume_bytes(self, qube: str) -> int:
+        return sum(f.stat().st_size for f in self.world.glob(f"dom0/var/lib/qubes/*/{qube}/*.img"))
+
+
+def whole_system_bytes_until(manifest_chunks: list[dict], prefix: str) -> int:
+    """Data a restore of one qube reads from a whole-system stream: every chunk up to the qube's
+    last one (tar2qfile reads the stream from the start and stops after it), trailers included."""
+    last = max(i for i, c in enumerate(manifest_chunks) if c["path"].startswith(prefix))
+    return sum(c["size"] + 56 for c in manifest_chunks[: last + 1])
+
+
+def typical_night(work: Path, size_mib: float, env: dict) -> dict:
+    night = Night(work, size_mib, env)
+    results: dict = {}
+    for engine in ("restic", "borg"):
+        repo = night.home / f"repo-{engine}"
+        r: dict = {}
+        # the whole-system run first: the per-qube copies made after it are each qube's newest
+        seconds, out = night.run("python", "-c", WHOLE_SYSTEM_UNIT, engine)
+        whole = json.loads(out)
+        r["whole_system_backup_seconds"] = round(seconds, 1)
+        _, first = night.timed_json("qtb-pipe", "backup", "--full", "--engine", engine)
+        sim("mutate", str(night.world), *CHANGED, "--percent", "2", "--seed", str(31 + len(results)))
+        before = du(repo)
+        seconds, nightly = night.timed_json("qtb-pipe", "backup", "--engine", engine)
+        r["nightly"] = {
+            "seconds": round(seconds, 1),
+            "backed_up": [q for q, v in nightly["qubes"].items() if v["status"] == "backed up"],
+            "bytes_read": nightly["stream_bytes"],
+            "repository_growth": du(repo) - before,
+        }
+        # what a night must read: the changed qubes' volumes, and dom0's home (always backed up)
+        changed_volumes = sum(night.volume_bytes(q) for q in CHANGED) + du(night.world / "dom0/home")
+        seconds, full = night.timed_json("qtb-pipe", "backup", "--full", "--engine", engine)
+        r["full_same_state"] = {"seconds": round(seconds, 1), "bytes_read": full["stream_bytes"]}
+        r["changed_qubes_volume_bytes"] = changed_volumes
+        r["nightly_bytes_vs_changed_volumes"] = round(nightly["stream_bytes"] / changed_volumes, 3)
+        r["full_vs_nightly_seconds"] = round(full["seconds"] / max(nightly["seconds"], 0.01), 2)
+        # one small qube back, next to itself: from its own copy, and from the whole-system run
+        own = full["qubes"][SMALL]
+        # (dom0's home stays out: a restored copy of it would be in the next engine's backups)
+        restore = [
+            "qtb-pipe",
+            "restore",
+            "--engine",
+            engine,
+            "--rename-conflicting",
+            "--single-pass",
+            "--skip-dom0-home",
+        ]
+        seconds, _ = night.run(*restore, "--qube", SMALL)
+        r["restore_small_own_copy"] = {"seconds": round(seconds, 1), "bytes_read": own["stream_bytes"]}
+        _, manifest = night.run(
+            "qtb-adapter", "manifest", whole["snapshot"], "--engine", engine, inside="backup"
+        )
+        body = json.loads(manifest)["manifest"]
+        seconds, _ = night.run(*restore, whole["snapshot"], SMALL)
+        r["restore_small_whole_system"] = {
+            "seconds": round(seconds, 1),
+            "bytes_read": whole_system_bytes_until(body["chunks"], body["qubes"][SMALL]["path"]),
+        }
+        seconds, _ = night.run(*restore, "--all")
+        r["restore_all_seconds"] = round(seconds, 1)
+        seconds, _ = night.run(*restore, whole["snapshot"])
+        r["restore_whole_system_run_seconds"] = round(seconds, 1)
+        # fixed cost of one committed unit: the small qube alone is almost nothing else (an upper bound:
+        # it includes the run's own start, the preflight listing and the fingerprints)
+        seconds, _ = night.timed_json("qtb-pipe", "backup", "--full", "--engine", engine, SMALL)
+        r["fixed_cost_per_unit_seconds"] = round(seconds, 1)
+        r["fixed_cost_for_30_qubes_seconds"] = round(30 * seconds, 0)
+        r["first_full_seconds"] = first["seconds"]
+        results[engine] = r
+    return results
+
+
+def night_markdown(results: dict) -> list[str]:
+    lines = md_section(
+        "A typical night (issue 10)",
+        f"After a full backup, {' and '.join(CHANGED)} ran during the day (2% of their volumes changed); "
+        "'changed volumes' counts dom0's home too, which every night backs up.",
+        "| engine | nightly s | --full s | speed-up | backed up | bytes read / changed volumes | growth | "
+        f"restore {SMALL}: own copy s, MiB | from whole run s, MiB | restore --all s | whole run s | "
+        "s per unit (x30) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    )
+    for engine, r in results.items():
+        own, whole = r["restore_small_own_copy"], r["restore_small_whole_system"]
+        lines.append(
+            f"| {engine} | {r['nightly']['seconds']} | {r['full_same_state']['seconds']} | "
+            f"{r['full_vs_nightly_seconds']}x | {', '.join(r['nightly']['backed_up'])} | "
+            f"{r['nightly_bytes_vs_changed_volumes']} | {r['nightly']['repository_growth'] / 2**20:.1f} MiB "
+            "| "
+            f"{own['seconds']}, {own['bytes_read'] / 2**20:.0f} | "
+            f"{whole['seconds']}, {whole['bytes_read'] / 2**20:.0f} | "
+            f"{r['restore_all_seconds']} | {r['restore_whole_system_run_seconds']} | "
+            f"{r['fixed_cost_per_unit_seconds']} ({r['fixed_cost_for_30_qubes_seconds']:.0f}) |"
+        )
+    return lines
