@@ -1,3 +1,3 @@
 """qtb_adapters: the backup-qube side of qtb-pipe (engine adapters for restic and borg)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from abc import ABC, abstractmethod
@@ -209,6 +210,10 @@ class Engine(ABC):
     @abstractmethod
     def version_argv(self) -> list[str]: ...
 
+    def space_warnings(self) -> list[str]:
+        """Warnings about free space the engine needs before it refuses to commit (init, check)."""
+        return []
+
     def version(self) -> EngineVersion:
         """Detect the engine version once; refuse versions outside the supported range."""
         if self._version is not None:
@@ -246,6 +251,21 @@ class Engine(ABC):
         if path is not None and not path.is_file():
             raise RepositoryMissingError(f"engine password file {path} does not exist")
         return path
+
+    def password_text(self) -> str:
+        """The engine password itself, for the recovery sheet: the file's text or the command's output."""
+        path = self.password_file()
+        if path is not None:
+            return path.read_text().rstrip("\n")
+        assert self.config.password.command is not None
+        finished = proc.run(shlex.split(self.config.password.command), env=self.base_env())
+        if not finished.ok:
+            raise RepositoryMissingError(f"the password command failed: {finished.stderr_text.strip()[:200]}")
+        return finished.stdout_text.rstrip("\n")
+
+    def key_export(self) -> str | None:
+        """What opens the repository besides the password (borg's key, printable); None: nothing."""
+        return None
 
     # -- the contract -------------------------------------------------------------------------
     @abstractmethod

@@ -18,10 +18,12 @@ Two ways to put the stream in (`[borg] store_method`):
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import re
 import shlex
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,6 +68,12 @@ _MISSING_REPO_IDS = {
 _PASSWORD_IDS = {"PassphraseWrong", "PasswordRetriesExceeded", "KeyfileMismatch", "RepoKeyNotFoundError"}
 _LOCK_IDS = {"LockTimeout", "LockFailed", "LockError", "NotLocked", "NotMyLock", "LockErrorT"}
 _SPACE_IDS = {"Repository.InsufficientFreeSpaceError"}
+# borg 1.2 `Repository.check_free_space()`: before every commit it wants 4x the index, the hints,
+# `additional_free_space` and, once 10 or more segments can be compacted, one whole segment plus one
+# object (max_segment_size + MAX_OBJECT_SIZE, 500 MiB + 20 MiB by default); short of that it refuses.
+_DEFAULT_SEGMENT_BYTES = 500 * 2**20
+_MAX_OBJECT_BYTES = 20 * 2**20
+_REMOTE_REPO = re.compile(r"ssh://.*|[^/]*@[^/]*:.*|[^/:]+:.*")
 
 
 def _escape_placeholders(text: str) -> str:
@@ -114,6 +122,11 @@ class BorgEngine(Engine):
         env["BORG_DISPLAY_PASSPHRASE"] = "no"
         env["BORG_HOSTNAME_IS_UNIQUE"] = "yes"  # lets borg remove locks of its own dead processes
         return env
+
+    def key_export(self) -> str | None:
+        """`borg key export --paper`: typed back in with `borg key import --paper` if the repository's
+        key is lost or damaged (a keyfile repository cannot be opened without it at all)."""
+        return self.run_checked(self.borg("key", "export", "--paper", self.repo), "key export").stdout_text
 
     def borg(self, command: str, *args: str) -> list[str]:
         return [self.binary, "--log-json", command, "--lock-wait", str(self.config.lock_wait), *args]
@@ -177,6 +190,30 @@ class BorgEngine(Engine):
             self.run_checked(self.borg("list", "--short", self.repo), "init")  # the passphrase must fit
             return False
         raise self.classify(finished, "init")
+
+    def space_warnings(self) -> list[str]:
+        if _REMOTE_REPO.fullmatch(self.repo):
+            return []  # borg serve checks on the server's side
+        path = Path(self.repo).expanduser()
+        settings = configparser.ConfigParser()
+        try:
+            settings.read(path / "config")
+            section = settings["repository"] if settings.has_section("repository") else {}
+            segment = int(section.get("max_segment_size", _DEFAULT_SEGMENT_BYTES))
+            extra = section.get("additional_free_space", "0")
+            extra_bytes = int(extra) if extra.isdigit() else 0  # borg's "2G" form: left to borg
+            index = max((f.stat().st_size for f in path.glob("index.*")), default=0)
+            free = shutil.disk_usage(path).free
+        except (OSError, ValueError, configparser.Error):
+            return []
+        needed = segment + _MAX_OBJECT_BYTES + 4 * index + extra_bytes
+        if free >= needed:
+            return []
+        return [
+            f"the borg repository's filesystem has {free / 1e6:.0f} MB free; borg refuses to commit once "
+            f"it has segments to compact and less than {needed / 1e6:.0f} MB is free (one segment, "
+            "max_segment_size, plus 20 MiB and the index): free space or move the repository"
+        ]
 
     def _archive_args(self) -> list[str]:
         return [

@@ -30,6 +30,7 @@ from .commands import (
     cmd_manifest,
     cmd_pending,
     cmd_prune,
+    cmd_recovery_info,
     cmd_store,
     parse_duration,
 )
@@ -49,6 +50,13 @@ class Terminated(BaseException):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+def keep_count(text: str) -> int:
+    """A keep-* value: a whole number >= 0 (restic and borg read -1 as "keep all"; we refuse it)."""
+    if not re.fullmatch(r"[0-9]{1,6}", text):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return int(text)
 
 
 def _size(value: int | None) -> str:
@@ -100,8 +108,14 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("prune", parents=[common], help="apply a keep policy to complete snapshots")
     for key in KEEP_KEYS:
-        p.add_argument("--" + key.replace("_", "-"), type=int, dest=key)
+        p.add_argument("--" + key.replace("_", "-"), type=keep_count, dest=key, metavar="N")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument(
+        "--protect",
+        metavar="QUBE,QUBE…",
+        help="qubes whose newest copy is kept whatever the rules say (default: every qube; "
+        "dom0 passes the qubes that still exist)",
+    )
 
     p = sub.add_parser("check", parents=[common], help="the engine's integrity check")
     p.add_argument("--read-data", action="store_true", help="read and verify all data")
@@ -112,6 +126,11 @@ def build_parser() -> Parser:
         help="verify a data subset: restic 1/5, 10%%, 500M; borg last=N (other specs: all data)",
     )
 
+    sub.add_parser(
+        "recovery-info",
+        parents=[common],
+        help="what a new system needs to open the repository: location, engine password, borg's key",
+    )
     p = sub.add_parser("drop-pending", parents=[common], help="remove stale pending snapshots")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--run", help="drop this run's pending snapshot(s)")
@@ -123,8 +142,11 @@ def build_parser() -> Parser:
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     if args.json:
         print(json.dumps(data, sort_keys=True))
-    elif text:
+        return
+    if text:
         print(text)
+    for warning in data.get("warnings") or []:
+        print(f"qtb-adapter: warning: {warning}", file=sys.stderr)
 
 
 def _list_text(data: dict[str, Any]) -> str:
@@ -206,7 +228,8 @@ def dispatch(args: argparse.Namespace) -> int:
         data = cmd_list(session, args.pending)
         _emit(args, data, _list_text(data))
     elif args.command == "prune":
-        data = cmd_prune(session, _keep_policy(args, session.config.keep), args.dry_run)
+        protected = None if args.protect is None else {q for q in args.protect.split(",") if q}
+        data = cmd_prune(session, _keep_policy(args, session.config.keep), args.dry_run, protected)
         _emit(
             args,
             data,
@@ -219,6 +242,12 @@ def dispatch(args: argparse.Namespace) -> int:
         if not ok:
             last = data["output"].splitlines()[-1] if data["output"] else "no details"
             raise AdapterError(f"repository check failed: {last}")
+    elif args.command == "recovery-info":
+        data = cmd_recovery_info(session)
+        key = f"\nborg key (borg key import --paper):\n{data['key_export']}" if data["key_export"] else ""
+        _emit(
+            args, data, f"{data['engine']} repository {data['repository']}\npassword: {data['password']}{key}"
+        )
     elif args.command == "drop-pending":
         older = parse_duration(args.older_than) if args.older_than else None
         data = cmd_drop_pending(session, args.run, older, args.all)
@@ -230,26 +259,28 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise Terminated(signum)
 
 
+def _fail(message: str, code: int) -> int:
+    # The exit code is in the line too: qubesd passes only a service's stderr on to dom0 (docs/adapters.md).
+    print(f"qtb-adapter: error (exit {code}): {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _on_signal)
     try:
         return dispatch(build_parser().parse_args(argv))
     except AdapterError as exc:
-        print(f"qtb-adapter: error: {exc.message}", file=sys.stderr)
-        return int(exc.exit_code)
+        return _fail(exc.message, int(exc.exit_code))
     except BrokenPipeError:
         return 0  # our reader went away: nothing left to say to it
     except OSError as exc:
         error: AdapterError = NoSpaceError(str(exc)) if exc.errno == errno.ENOSPC else AdapterError(str(exc))
-        print(f"qtb-adapter: error: {error.message}", file=sys.stderr)
-        return int(error.exit_code)
+        return _fail(error.message, int(error.exit_code))
     except KeyboardInterrupt:
-        print("qtb-adapter: error: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _fail("interrupted", 128 + signal.SIGINT)
     except Terminated as exc:
-        print(f"qtb-adapter: error: terminated by signal {exc.signum}", file=sys.stderr)
-        return 128 + exc.signum
+        return _fail(f"terminated by signal {exc.signum}", 128 + exc.signum)
 
 
 if __name__ == "__main__":

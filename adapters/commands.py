@@ -37,11 +37,12 @@ from .config import (
 )
 from .errors import (
     AdapterError,
+    RepositoryMissingError,
     SnapshotNotFoundError,
     UsageError,
 )
 from .manifest import cross_check, parse_sealed_manifest, read_bounded
-from .retention import Dated, KeepPolicy, apply_policy
+from .retention import Copies, KeepPolicy, per_qube
 from .state import CompleteCache, PendingRecord, PendingStore
 
 DEFAULT_PENDING_AGE = timedelta(hours=24)  # drop-pending without --run/--all/--older-than
@@ -176,6 +177,9 @@ def cmd_init(
     settings: dict[str, TomlValue],
 ) -> dict[str, Any]:
     path = config_path or default_config_path()
+    # A failed init leaves nothing behind: the config as it was, no generated password file.
+    previous = path.read_bytes() if path.exists() else None
+    created: Path | None = None
     if repo or password_file or password_command or generate_password or settings:
         if not (engine and repo):
             raise UsageError("init with settings needs both --engine and --repo")
@@ -186,25 +190,41 @@ def cmd_init(
             )
         if password_file:
             password = PasswordSource(file=Path(password_file).expanduser().absolute())
+            if not password.file.is_file():
+                raise RepositoryMissingError(
+                    f"no password file {password.file}: write the engine password into it (mode 0600), "
+                    "or let init create one with --generate-password"
+                )
         elif password_command:
             password = PasswordSource(command=password_command)
         else:
-            secret_path = path.parent / f"{engine}-password"
+            secret_path = path.parent / f"{engine}.password"
             if not secret_path.exists():
                 secret_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as handle:
                     handle.write(secrets.token_urlsafe(32) + "\n")
+                created = secret_path
             password = PasswordSource(file=secret_path)
         write_engine_config(path, engine=engine, repository=repo, password=password, engine_settings=settings)
-    session = Session(path, engine)
-    created = session.engine.init_repository()
+    try:
+        session = Session(path, engine)
+        created_repository = session.engine.init_repository()
+    except BaseException:
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(previous)
+        if created is not None:
+            created.unlink(missing_ok=True)
+        raise
     return {
         "engine": session.config.engine,
         "version": str(session.engine.version()),
         "repository": session.config.repository,
-        "created": created,
+        "created": created_repository,
         "config": str(session.config.path),
+        "warnings": session.engine.space_warnings(),
     }
 
 
@@ -391,21 +411,26 @@ def cmd_list(session: Session, include_pending: bool) -> dict[str, Any]:
 
 
 # -- prune --------------------------------------------------------------------------------------
-def cmd_prune(session: Session, policy: KeepPolicy, dry_run: bool) -> dict[str, Any]:
+def cmd_prune(
+    session: Session, policy: KeepPolicy, dry_run: bool, protected: set[str] | None
+) -> dict[str, Any]:
+    """Retention per qube (retention.per_qube); `protected` None protects every qube's newest copy."""
     if policy.empty:
-        raise UsageError("prune needs at least one --keep-* option (or a [prune] table in the config)")
+        raise UsageError("prune needs at least one --keep-* option (or a [retention] table in the config)")
     listing = session.listing()
     complete = {s.id: s for s in listing.complete}  # pending ones are not there for prune
-    keep, remove = apply_policy([Dated(s.id, s.time) for s in complete.values()], policy)
+    copies = [Copies(s.id, s.time, tuple(s.commit.qubes if s.commit else ())) for s in complete.values()]
+    keep, remove, kept = per_qube(copies, policy, protected)
     result: dict[str, Any] = {
         "policy": policy.as_dict(),
         "dry_run": dry_run,
-        "keep": [d.id for d in keep],
-        "remove": [d.id for d in remove],
+        "keep": [c.id for c in keep],
+        "remove": [c.id for c in remove],
+        "qubes": kept,
         "cleanup": None,
     }
     if remove and not dry_run:
-        session.delete([complete[d.id] for d in remove], [])
+        session.delete([complete[c.id] for c in remove], [])
         result["cleanup"] = session.engine.cleanup()
     return result
 
@@ -418,7 +443,22 @@ def cmd_check(session: Session, read_data: bool, subset: str | None) -> tuple[di
         "ok": outcome.ok,
         "read_data": outcome.read_data,
         "output": tail,
+        "warnings": session.engine.space_warnings(),
     }, outcome.ok
+
+
+# -- recovery-info ------------------------------------------------------------------------------
+def cmd_recovery_info(session: Session) -> dict[str, Any]:
+    """What a new system needs to open this repository, for dom0's recovery sheet (`qtb-pipe
+    recovery-kit`): where it is, the engine password, and borg's key."""
+    engine = session.engine
+    return {
+        "engine": engine.name,
+        "version": str(engine.version()),
+        "repository": session.config.repository,
+        "password": engine.password_text(),
+        "key_export": engine.key_export(),
+    }
 
 
 # -- drop-pending -------------------------------------------------------------------------------

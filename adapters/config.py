@@ -11,6 +11,7 @@ found from $HOME.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ class AdapterConfig:
     state_dir: Path = field(default_factory=default_state_dir)
     lock_wait: int = DEFAULT_LOCK_WAIT_SECONDS
     engine_settings: dict[str, Any] = field(default_factory=dict)  # the rest of the [engine] table
-    keep: dict[str, int] = field(default_factory=dict)  # default prune policy ([prune] table)
+    keep: dict[str, int] = field(default_factory=dict)  # default prune policy ([retention] table)
 
 
 def _expand(path: str) -> Path:
@@ -76,15 +77,20 @@ def read_raw(path: Path) -> dict[str, Any]:
         raise RepositoryMissingError(f"cannot read configuration {path}: {exc}") from None
 
 
+# The default keep policy: `[retention]`, as dom0's config calls it; `[prune]` is its old name.
+RETENTION_TABLES = ("retention", "prune")
+
+
 def engine_tables(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {k: v for k, v in raw.items() if isinstance(v, dict) and k != "prune"}
+    return {k: v for k, v in raw.items() if isinstance(v, dict) and k not in RETENTION_TABLES}
 
 
 def load_config(path: Path | None, engine: str | None, known_engines: list[str]) -> AdapterConfig:
     path = path or default_config_path()
     raw = read_raw(path)
     tables = engine_tables(raw)
-    unknown = {k for k in raw if k not in GLOBAL_KEYS and k != "prune" and k not in known_engines}
+    known = {*GLOBAL_KEYS, *RETENTION_TABLES, *known_engines}
+    unknown = {k for k in raw if k not in known}
     if unknown:
         raise RepositoryMissingError(f"{path}: unknown setting(s) or engine(s): {', '.join(sorted(unknown))}")
     if engine is None:
@@ -113,9 +119,17 @@ def load_config(path: Path | None, engine: str | None, known_engines: list[str])
     lock_wait = raw.get("lock_wait", DEFAULT_LOCK_WAIT_SECONDS)
     if not isinstance(lock_wait, int) or isinstance(lock_wait, bool) or lock_wait < 0:
         raise RepositoryMissingError(f"{path}: `lock_wait` must be a number of seconds")
-    keep = raw.get("prune", {})
+    if "prune" in raw:
+        if "retention" in raw:
+            raise RepositoryMissingError(f"{path}: both [retention] and [prune] (its old name): keep one")
+        print(f"qtb-adapter: warning: {path}: [prune] is now called [retention]", file=sys.stderr)
+    table_name = "prune" if "prune" in raw else "retention"
+    keep = raw.get(table_name, {})
     if not isinstance(keep, dict) or set(keep) - set(KEEP_KEYS):
-        raise RepositoryMissingError(f"{path}: [prune] may only hold {', '.join(KEEP_KEYS)}")
+        raise RepositoryMissingError(f"{path}: [{table_name}] may only hold {', '.join(KEEP_KEYS)}")
+    for key, value in keep.items():
+        if type(value) is not int or value < 0:  # -1 is "keep all" to restic/borg users: refuse it
+            raise RepositoryMissingError(f"{path}: [{table_name}] {key} must be a whole number >= 0")
     return AdapterConfig(
         path=path,
         engine=engine,

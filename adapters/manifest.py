@@ -13,17 +13,19 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from scrypt_shim.shim import (  # the one definition of the formats (docs/design.md)
+    BACKUP_ID_RE,
+    HEADER_MEMBER,
+    HEADER_PATH,
+    MANIFEST_FORMAT,
+    MAX_MANIFEST_BYTES,
+    QUBE_NAME_RE,
+    TRAILER_SIZE,
+)
+
 from .errors import BadInputError
 from .tarstream import Member
 
-MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # what dom0 accepts back (design.md)
-MANIFEST_FORMAT = "qtb-pipe-manifest-1"
-SHIM_TRAILER_BYTES = 56  # design.md "Shim output format": a member is its data plus this trailer
-HEADER_PATH = "backup-header"
-HEADER_MEMBER = "backup-header.hmac"  # `scrypt enc backup-header backup-header.hmac`
-
-_BACKUP_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # Qubes backup-header values are [A-Za-z0-9-]
-_QUBE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX = re.compile(r"[0-9a-f]+")
 
 
@@ -76,10 +78,11 @@ def parse_sealed_manifest(data: bytes) -> ManifestInfo:
     if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
         raise bad(f'format is not "{MANIFEST_FORMAT}"')
     backup_id, qubes, chunks = body.get("backup_id"), body.get("qubes"), body.get("chunks")
-    if not isinstance(backup_id, str) or not _BACKUP_ID.fullmatch(backup_id):
+    if not isinstance(backup_id, str) or not BACKUP_ID_RE.fullmatch(backup_id):
         raise bad("backup_id missing or malformed")
-    if not isinstance(qubes, list) or not all(isinstance(q, str) and _QUBE_NAME.fullmatch(q) for q in qubes):
-        raise bad("qubes must be a list of qube names")
+    names = (q for q in qubes) if isinstance(qubes, dict) else None
+    if names is None or not all(QUBE_NAME_RE.fullmatch(q) or q == "dom0" for q in names):
+        raise bad("qubes must be an object keyed by qube names")
     if not isinstance(chunks, list) or not chunks:
         raise bad("chunks must be a non-empty list")
     parsed: list[ManifestChunk] = []
@@ -112,8 +115,8 @@ def cross_check(info: ManifestInfo, members: list[Member]) -> None:
         name = member_for_chunk(chunk.path)
         if name not in stored:
             raise BadInputError(f"manifest names {chunk.path!r} but the stored stream has no member {name!r}")
-        if stored[name] != chunk.size + SHIM_TRAILER_BYTES:
+        if stored[name] != chunk.size + TRAILER_SIZE:
             raise BadInputError(
-                f"manifest size of {chunk.path!r} ({chunk.size} + {SHIM_TRAILER_BYTES}) differs from the "
+                f"manifest size of {chunk.path!r} ({chunk.size} + {TRAILER_SIZE}) differs from the "
                 f"stored member ({stored[name]} bytes)"
             )

@@ -332,8 +332,16 @@ class ResticEngine(Engine):
         if snapshots:
             self.run_checked([*self.global_args(), "forget", *[s.id for s in snapshots]], "delete")
 
+    def run_checked(self, argv: list[str], action: str, **kwargs: Any) -> proc.Finished:
+        """On a lock error, remove stale locks once and retry: a `restic dump` that tar2qfile cut
+        off (every restore) dies of SIGPIPE and leaves its lock, which blocks forget and prune."""
+        try:
+            return super().run_checked(argv, action, **kwargs)
+        except RepositoryLockedError:
+            self._remove_stale_locks()
+            return super().run_checked(argv, action, **kwargs)
+
     def cleanup(self) -> str:
-        self._remove_stale_locks()
         finished = self.run_checked([*self.global_args(), "prune"], "prune")
         return finished.stdout_text.strip().splitlines()[-1] if finished.stdout_text.strip() else "pruned"
 

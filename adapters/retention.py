@@ -1,9 +1,13 @@
-"""keep-last/daily/weekly/monthly/yearly, computed here once for every engine.
+"""keep-last/daily/weekly/monthly/yearly, computed here once for every engine, per qube.
 
 Engines cannot apply their own policies: restic's and borg's would count pending snapshots and our
 commit objects. Semantics are restic's (and borg's): for each rule, walk snapshots newest first and
 keep the newest one of each period until the rule's count is used up; a snapshot is kept when any
 rule keeps it. Periods are in local time.
+
+Users think in qubes, and a snapshot holds the qubes of one run: the rules apply to each qube's own
+copies (`per_qube`), a snapshot goes only when no qube keeps it, and the newest copy of a protected
+qube (dom0 passes the qubes that still exist) stays whatever the rules say.
 """
 
 from __future__ import annotations
@@ -70,3 +74,29 @@ def apply_policy(snapshots: Sequence[Dated], policy: KeepPolicy) -> tuple[list[D
     keep = [s for s in ordered if s.id in kept]
     remove = [s for s in ordered if s.id not in kept]
     return keep, remove
+
+
+@dataclass(frozen=True)
+class Copies:
+    """A complete snapshot and the qubes it holds (from its commit object)."""
+
+    id: str
+    time: datetime
+    qubes: tuple[str, ...]
+
+
+def per_qube(
+    snapshots: Sequence[Copies], policy: KeepPolicy, protected: set[str] | None
+) -> tuple[list[Copies], list[Copies], dict[str, list[str]]]:
+    """(keep, remove, what each qube keeps newest first). `protected` None: every qube is."""
+    kept: dict[str, list[str]] = {}
+    for qube in sorted({q for s in snapshots for q in s.qubes}):
+        copies = [Dated(s.id, s.time) for s in snapshots if qube in s.qubes]
+        keep, _ = apply_policy(copies, policy)
+        newest = max(copies, key=lambda d: d.time)
+        if (protected is None or qube in protected) and newest not in keep:
+            keep.insert(0, newest)  # a qube's newest copy is never lost to retention
+        kept[qube] = [d.id for d in keep]
+    keep_ids = {i for ids in kept.values() for i in ids} | {s.id for s in snapshots if not s.qubes}
+    ordered = sorted(snapshots, key=lambda s: s.time, reverse=True)
+    return [s for s in ordered if s.id in keep_ids], [s for s in ordered if s.id not in keep_ids], kept

@@ -11,16 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import qubes
+from scrypt_shim.shim import BACKUP_ID_RE, MAX_MANIFEST_BYTES, QUBE_NAME_RE
+
+from . import proc, qubes
 from .errors import EXIT_FAILED, EXIT_QUBE, EXIT_SNAPSHOT, QtbError
 
-SNAPSHOT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
-BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9]{1,10}$")
-MEMBER_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
-QUBE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-TIME_RE = re.compile(r"^[0-9T:.+ Z-]{1,40}$")
+SNAPSHOT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,80}")  # the adapter's own ids (docs/design.md)
+MEMBER_RE = re.compile(r"[A-Za-z0-9._/+-]{1,200}")
+TIME_RE = re.compile(r"[0-9T:.+ Z-]{1,40}")
 STATES = ("complete", "pending")
-MAX_MANIFEST = 16 * 1024 * 1024
 MAX_JSON = 8 * 1024 * 1024
 # Adapter exit codes (docs/design.md) → what the user should do.
 ADAPTER_EXIT = {
@@ -35,8 +34,20 @@ ADAPTER_EXIT = {
 }
 
 
+ADAPTER_ERROR_RE = re.compile(rb"qtb-adapter: error \(exit ([0-9]{1,3})\): ")
+
+
+def adapter_failure(stderr: bytes) -> tuple[str, int]:
+    """The one-line reason and exit code of a failed qvm-backup / qvm-backup-restore. The adapter's
+    exit code does not reach dom0 through qubesd, so its error line carries it (docs/adapters.md)."""
+    detail = proc.one_line(stderr, "no message")
+    found = ADAPTER_ERROR_RE.findall(stderr[-proc.MAX_ERROR_BYTES :])
+    hint, code = ADAPTER_EXIT.get(int(found[-1]), (None, EXIT_FAILED)) if found else (None, EXIT_FAILED)
+    return detail + (f" ({hint})" if hint else ""), code
+
+
 def check_snapshot_id(value: str) -> str:
-    if not isinstance(value, str) or not SNAPSHOT_ID_RE.match(value):
+    if not isinstance(value, str) or not SNAPSHOT_ID_RE.fullmatch(value):
         raise QtbError(f"not a snapshot id: {str(value)[:80]!r}", 2)
     return value
 
@@ -78,7 +89,7 @@ class Adapter:
     def _call(self, *args: str, input: bytes | None = None, limit: int = MAX_JSON) -> bytes:
         res = qubes.run_in_qube(self.qube, [self.command, *args], input=input, stdout_limit=limit)
         if res.code != 0:
-            detail = qubes.one_line(res.stderr, "no error message")
+            detail = proc.one_line(res.stderr, "no error message")
             hint, code = ADAPTER_EXIT.get(res.code, (None, EXIT_FAILED))
             if b"is not running" in res.stderr and res.code == 1 and not res.stdout:
                 raise QtbError(
@@ -122,9 +133,11 @@ class Adapter:
             backup_id = _field(item, "backup_id", str, optional=True)
             if (
                 state not in STATES
-                or not TIME_RE.match(time_text)
-                or (backup_id is not None and not BACKUP_ID_RE.match(backup_id))
-                or not all(isinstance(q, str) and QUBE_RE.match(q) for q in qubes_list)
+                or not TIME_RE.fullmatch(time_text)
+                or (backup_id is not None and not BACKUP_ID_RE.fullmatch(backup_id))
+                or not all(
+                    isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in qubes_list
+                )
                 or len(qubes_list) > 1000
             ):
                 raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
@@ -150,7 +163,7 @@ class Adapter:
             if not isinstance(m, dict):
                 raise QtbError("backup qube sent malformed data for `qtb-adapter pending`")
             name = _field(m, "name", str)
-            if not MEMBER_RE.match(name):
+            if not MEMBER_RE.fullmatch(name):
                 raise QtbError("backup qube reported a member with an invalid name")
             members.append(Member(name, _field(m, "size", int)))
         return members
@@ -166,7 +179,7 @@ class Adapter:
         """The sealed manifest of a complete snapshot (the adapter refuses unknown and pending ones)."""
         try:
             return self._call(
-                "manifest", check_snapshot_id(snapshot_id), "--engine", self.engine, limit=MAX_MANIFEST
+                "manifest", check_snapshot_id(snapshot_id), "--engine", self.engine, limit=MAX_MANIFEST_BYTES
             )
         except QtbError as e:
             if e.code != EXIT_SNAPSHOT:
@@ -180,8 +193,8 @@ class Adapter:
         args = ["drop-pending", "--engine", self.engine] + (["--run", run_id] if run_id else [])
         self._call(*args)
 
-    def prune(self, retention: dict[str, int], dry_run: bool = False) -> Any:
-        args = ["prune", "--engine", self.engine]
+    def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str]) -> Any:
+        args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}"]
         for key, value in retention.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         if dry_run:
@@ -193,3 +206,20 @@ class Adapter:
         if read_data_subset:
             args += ["--read-data-subset", read_data_subset]
         return self._json(*args)
+
+    def recovery_info(self) -> dict[str, str | None]:
+        """Where the repository is, its engine password and borg's key, for the recovery sheet:
+        hostile text that dom0 only prints (bounded, printable, shell-quoted where it is a command)."""
+        data = self._json("recovery-info", "--engine", self.engine)
+        if not isinstance(data, dict) or data.get("engine") != self.engine:
+            raise QtbError("backup qube sent malformed data for `qtb-adapter recovery-info`")
+        out = {}
+        for key, limit in (("version", 40), ("repository", 1000), ("password", 1000), ("key_export", 20000)):
+            value = _field(data, key, str, optional=key == "key_export")
+            lines = 1000 if key == "key_export" else 1
+            if value is not None and (
+                len(value) > limit or proc.printable(value, limit) != value or value.count("\n") >= lines
+            ):
+                raise QtbError(f"backup qube sent an unprintable or oversized {key!r} for `recovery-info`")
+            out[key] = value
+        return out

@@ -4,20 +4,59 @@ stock qvm-backup-restore. Standard library only (dom0 has no pip)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import re
 import sys
 import traceback
+from typing import NoReturn
 
-from . import shim_install
+from . import __version__, proc
+from .actions.backup import run_backup
+from .actions.manage import print_list, print_prune, run_check, run_list, run_prune
+from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
+from .actions.setup import (
+    print_config_check,
+    print_init,
+    print_recovery_kit,
+    run_config_check,
+    run_init,
+    run_recovery_kit,
+)
 from .config import ENGINES, RETENTION_KEYS, load_config, root
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_SHIM, QtbError
-from .qubes import printable
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_QUBE,
+    EXIT_SHIM,
+    EXIT_SNAPSHOT,
+    EXIT_USAGE,
+    EXIT_VERIFY,
+    PartialFailure,
+    QtbError,
+)
+from .qubes import RestoreFlags
+from .runs import cleanup_stale_runs
+from .shim_install import DEFAULT_PREFIX, install_shim, shim_status, uninstall_shim
 from .ui import print_json
 
 EPILOG = """exit codes: 0 ok, 1 operation failed, 2 bad arguments, 3 not configured (run qtb-pipe init),
 4 unknown or pending snapshot, 5 data failed authentication (tampered / wrong secret / not from this
 backup), 6 backup qube or its adapter not ready, 7 scrypt shim not installed or not active.
+With --json an error is also one JSON object on stdout: {"error", "exit_code", "hint"} (a partial
+failure: the result so far, with those three keys added).
 Docs: docs/commands.md, docs/security.md, docs/troubleshooting.md."""
+# qvm-backup-restore options passed through as they are (qubes.RestoreFlags), with their help
+RESTORE_FLAGS = {
+    "rename_conflicting": "restore as NAME-1 if NAME exists (as qvm-backup-restore names them)",
+    "skip_conflicting": "skip qubes whose name exists",
+    "skip_broken": "skip qubes whose template or net qube is missing",
+    "ignore_missing": "restore qubes whose template or net qube is missing with the system's default",
+    "skip_dom0_home": "do not restore dom0's home",
+    "ignore_username_mismatch": "restore dom0's home although the user name differs",
+    "paranoid_mode": "passed to qvm-backup-restore; needs the shim in the management DispVM's template",
+}
 
 
 def _config(args: argparse.Namespace):
@@ -27,184 +66,135 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
-def cmd_init(args: argparse.Namespace) -> dict:
-    from .actions.setup import print_init, run_init
-
-    result = run_init(args.backup_qube, args.engine or "restic", args.force, args.recovery_key)
-    if not args.json:
-        print_init(result)
-    return result
-
-
 def cmd_config(args: argparse.Namespace) -> dict:
-    from .actions.setup import print_config_check, run_config_check
-
     result = run_config_check()
-    if not args.json:
-        print_config_check(result)
+    if result["errors"]:  # backup would refuse: not exit 0
+        raise PartialFailure(f"{len(result['errors'])} error(s) in the configuration", EXIT_CONFIG, result)
     return result
 
 
-def cmd_install_shim(args: argparse.Namespace) -> dict:
-    try:
-        res = shim_install.install_shim(root(), args.prefix)
-    except shim_install.ShimInstallError as e:
-        raise QtbError(str(e), EXIT_SHIM) from None
-    result = {
-        "shim": str(res.shim_path),
-        "real_scrypt": str(res.real_scrypt),
-        "action": res.action,
-        "state_dir": str(res.state_dir),
-    }
-    if not args.json:
-        print(
-            f"shim {res.action}: {res.shim_path} (hands other calls to {res.real_scrypt}, "
-            f"{res.real_scrypt_version})"
-        )
-    return result
+def print_installed(r: dict) -> None:
+    print(f"shim {r['action']}: {r['shim']} (other calls: {r['real_scrypt_version']}, {r['real_scrypt']})")
 
 
-def cmd_uninstall_shim(args: argparse.Namespace) -> dict:
-    try:
-        res = shim_install.uninstall_shim(root(), args.prefix)
-    except shim_install.ShimInstallError as e:
-        raise QtbError(str(e), EXIT_SHIM) from None
-    result = {"shim": str(res.shim_path), "removed": res.removed}
-    if not args.json:
-        print(f"removed {res.shim_path}" if res.removed else f"nothing of qtb-pipe at {res.shim_path}")
-    return result
+def print_uninstalled(r: dict) -> None:
+    print(f"removed {r['shim']}" if r["removed"] else f"nothing of qtb-pipe at {r['shim']}")
 
 
-def cmd_shim_status(args: argparse.Namespace) -> dict:
-    st = shim_install.shim_status(root(), args.prefix)
-    result = {
-        "shim": str(st.shim_path),
-        "installed": st.installed,
-        "foreign_file": st.foreign_file,
-        "version": st.installed_version,
-        "packaged_version": st.packaged_version,
-        "real_scrypt": st.real_scrypt,
-        "real_scrypt_ok": st.real_scrypt_ok,
-        "qubesd_path": st.qubesd_path,
-        "qubesd_path_source": st.qubesd_path_source,
-        "qubesd_scrypt": str(st.qubesd_scrypt) if st.qubesd_scrypt else None,
-        "active": st.qubesd_uses_shim,
-        "problems": st.problems,
-    }
-    if not args.json:
-        state = "active" if st.qubesd_uses_shim else "NOT active"
-        print(
-            f"shim {state}: qubesd resolves scrypt to {result['qubesd_scrypt']} "
-            f"(PATH from {st.qubesd_path_source})"
-        )
-        for p in st.problems:
-            print(f"problem: {p}")
-    if not st.qubesd_uses_shim:
-        raise _Exit(result, EXIT_SHIM)
-    return result
+def cmd_shim_status(dom0_root, prefix: str) -> dict:
+    st = shim_status(dom0_root, prefix)
+    if not st["active"]:
+        raise PartialFailure(f"the scrypt shim is not active at {st['shim']}", EXIT_SHIM, st)
+    return st
 
 
-def cmd_backup(args: argparse.Namespace) -> dict:
-    from .actions.backup import run_backup
+def print_shim_status(st: dict) -> None:
+    state = "active" if st["active"] else "NOT active"
+    print(f"shim {state}: qubesd resolves scrypt to {st['qubesd_scrypt']}", end="")
+    print(f" (PATH from {st['qubesd_path_source']})")
+    for problem in st["problems"]:
+        print(f"problem: {problem}")
 
-    return run_backup(_config(args), args.qubes, args.exclude, args.json)
 
-
-def cmd_restore(args: argparse.Namespace, verify_only: bool = False) -> dict:
-    from .actions.restore import print_report, run_restore
-
-    options = [
-        f"--{o}"
-        for o in ("rename-conflicting", "skip-conflicting", "skip-dom0-home", "paranoid-mode")
-        if getattr(args, o.replace("-", "_"), False)
-    ]
-    result = run_restore(
-        _config(args),
-        args.snapshot,
-        args.qubes,
-        options,
-        verify_only,
-        args.json,
-        args.single_pass,
-        args.new_system,
+def _restore(args: argparse.Namespace, verify_only: bool) -> dict:
+    """A snapshot, or (--all, --qube, verify without one) each chosen qube's newest copy."""
+    flags = RestoreFlags(verify_only=verify_only, **{k: getattr(args, k, False) for k in RESTORE_FLAGS})
+    opts = RestoreOptions(
+        args.snapshot, args.qubes, flags, getattr(args, "single_pass", False), args.new_system, args.json
     )
-    if not args.json:
-        print_report(result)
-    return result
+    if args.snapshot is not None:
+        return run_restore(_config(args), opts)
+    return run_restore_latest(_config(args), opts, args.qube or [], _as_of(getattr(args, "as_of", None)))
+
+
+def _as_of(text: str | None) -> str | None:
+    """--as-of TIME (ISO 8601, local time unless it says otherwise) as the records' UTC form."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise QtbError(
+            f"--as-of wants a time like 2026-11-30 or 2026-11-30T18:00, not {text!r}", EXIT_USAGE
+        ) from None
+    if len(text) == 10:  # a day: up to its end
+        moment += datetime.timedelta(days=1, seconds=-1)
+    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds")
+
+
+def cmd_restore(args: argparse.Namespace) -> dict:
+    if (args.snapshot is None) == (not (args.all or args.qube)):
+        raise QtbError("say what to restore: SNAPSHOT [QUBE...], --all, or --qube NAME", EXIT_USAGE)
+    if args.snapshot is None and args.qubes:
+        raise QtbError("with --all or --qube, name qubes with --qube", EXIT_USAGE)
+    return _restore(args, args.verify_only)
 
 
 def cmd_verify(args: argparse.Namespace) -> dict:
-    from .actions.manage import run_check, run_list
-    from .actions.restore import print_report, run_restore
-
-    cfg = _config(args)
-    snapshot = args.snapshot
-    if snapshot is None:
-        complete = [r for r in run_list(cfg) if r["state"] == "complete"]
-        if not complete:
-            raise QtbError("no complete snapshot to verify: run qtb-pipe backup", 4)
-        snapshot = max(complete, key=lambda r: r["time"])["id"]
-    result = run_restore(cfg, snapshot, [], [], True, args.json, new_system=args.new_system)
-    result["engine_check"] = run_check(cfg, args.read_data_subset)["adapter"]
-    if not args.json:
-        print_report(result)
-        print(
-            f"snapshot {snapshot}: every chunk authenticated against its sealed manifest; "
-            f"{cfg.engine} check passed"
-        )
+    args.qubes, args.qube = [], None
+    result = _restore(args, True)
+    result["engine_check"] = run_check(_config(args), args.read_data_subset)["adapter"]
     return result
 
 
-def cmd_list(args: argparse.Namespace) -> list:
-    from .actions.manage import print_list, run_list
-
-    rows = run_list(_config(args))
-    if not args.json:
-        print_list(rows)
-    return rows
-
-
-def cmd_prune(args: argparse.Namespace) -> dict:
-    from .actions.manage import run_prune
-
-    result = run_prune(_config(args), {k: getattr(args, k) for k in RETENTION_KEYS}, args.dry_run)
-    if not args.json:
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {len(result['removed'])} snapshot(s), kept {len(result['kept'])}")
-    return result
+def print_verify(result: dict) -> None:
+    print_report(result)
+    scope = (
+        f"snapshot {result['snapshot']}"
+        if result.get("snapshot")
+        else f"the newest copy of {len(result['qubes'])} qube(s)"
+    )
+    print(f"{scope}: every chunk authenticated against its sealed manifest; the engine check passed")
 
 
-def cmd_check(args: argparse.Namespace) -> dict:
-    from .actions.manage import run_check
-
-    result = run_check(_config(args), args.read_data_subset)
-    if not args.json:
-        print(f"{result['engine']} repository check passed")
-    return result
+def print_check(result: dict) -> None:
+    print(f"{result['engine']} repository check passed")
+    for warning in result["warnings"]:
+        print(f"qtb-pipe: warning: {warning}", file=sys.stderr)
 
 
-def cmd_demo(args: argparse.Namespace) -> dict:
-    from .actions.demo import run_demo
+class Parser(argparse.ArgumentParser):
+    """Argument errors in one line, exit 2 (argparse would print the whole usage first)."""
 
-    return run_demo(args.dir, args.engine, args.json, args.profile)
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        if "--json" in sys.argv[1:]:  # before the arguments are parsed: the word is enough
+            print_json({"error": message, "exit_code": EXIT_USAGE, "hint": f"see {self.prog} --help"})
+        sys.exit(EXIT_USAGE)
 
 
-class _Exit(Exception):
-    def __init__(self, result, code: int) -> None:
-        super().__init__(code)
-        self.result, self.code = result, code
+def keep_count(text: str) -> int:
+    """A keep-* value: a whole number >= 0 (restic and borg read -1 as "keep all"; refused here)."""
+    if not text.isdigit() or len(text) > 6:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return int(text)
+
+
+def data_subset(text: str) -> str:
+    """restic's `N%` (0 < N <= 100), `n/t` (1 <= n <= t), a size like `500M`; borg's `last=N`."""
+    percent = re.fullmatch(r"([0-9]{1,3}(?:\.[0-9]{1,3})?)%", text)
+    part = re.fullmatch(r"([0-9]{1,6})/([0-9]{1,6})", text)
+    if (
+        (percent and 0 < float(percent[1]) <= 100)
+        or (part and 1 <= int(part[1]) <= int(part[2]))
+        or re.fullmatch(r"[0-9]{1,9}[KMGT]|last=[0-9]{1,6}", text)
+    ):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not N% (at most 100), n/t, a size like 500M or last=N")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qtb-pipe",
         description=__doc__,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"qtb-pipe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    def add(name: str, func, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    def add(name: str, func, help: str, description: str | None = None, show=None) -> argparse.ArgumentParser:
+        """A command: `func(args)` returns its result, `show(result)` prints it without --json."""
         s = sub.add_parser(
             name,
             help=help,
@@ -213,37 +203,57 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-        s.set_defaults(func=func)
+        s.add_argument("-v", "--verbose", action="store_true", help="show every command line qtb-pipe runs")
+        s.set_defaults(func=func, show=show)
         return s
 
     s = add(
         "init",
-        cmd_init,
+        lambda a: run_init(a.backup_qube, a.engine or "restic", a.force, a.recovery_key),
         "write the dom0 config and generate the backup secret (shown once as a recovery key)",
+        show=print_init,
     )
     s.add_argument("--backup-qube", default="backup", help="the qube that runs qtb-adapter (default: backup)")
     s.add_argument("--engine", choices=ENGINES, help="default engine (default: restic)")
     s.add_argument("--force", action="store_true", help="replace an existing secret and config")
     s.add_argument("--recovery-key", help="restore the secret from a recovery key instead of generating one")
 
-    s = add("config", cmd_config, "config check: which qubes will be backed up, which not and why, warnings")
+    s = add(
+        "config",
+        cmd_config,
+        "config check: which qubes will be backed up, which not and why, warnings",
+        show=print_config_check,
+    )
     s.add_argument("action", choices=["check"])
 
-    for name, func, text in (
-        ("install-shim", cmd_install_shim, "install the scrypt shim next to the real scrypt"),
-        ("uninstall-shim", cmd_uninstall_shim, "remove the shim, leaving things as before"),
-        ("shim-status", cmd_shim_status, "is the shim installed, and would qubesd use it?"),
-    ):
-        s = add(name, func, text)
-        s.add_argument(
-            "--prefix",
-            default=shim_install.DEFAULT_PREFIX,
-            help="install prefix (default: /usr/local, before /usr on qubesd's PATH)",
-        )
+    s = add(
+        "recovery-kit",
+        lambda a: run_recovery_kit(_config(a), a.output),
+        "the recovery sheet: recovery key, repository, engine password (and borg's key), restore steps",
+        "Everything a new system needs after the laptop is lost, on one printable sheet: dom0's recovery "
+        "key, and from the backup qube (qtb-adapter recovery-info) the repository's location, the engine "
+        "password and borg's key. Keep it offline.",
+        show=print_recovery_kit,
+    )
+    s.add_argument("--engine", choices=ENGINES)
+    s.add_argument("-o", "--output", metavar="FILE", help="write the sheet to FILE (mode 0600), not stdout")
+
+    shim_commands = {  # name: (function of (root, prefix), help, printer)
+        "install-shim": (install_shim, "install the shim next to the real scrypt", print_installed),
+        "uninstall-shim": (uninstall_shim, "remove the shim, nothing else", print_uninstalled),
+        "shim-status": (
+            cmd_shim_status,
+            "is the shim installed, and would qubesd use it?",
+            print_shim_status,
+        ),
+    }
+    for name, (func, text, show) in shim_commands.items():
+        s = add(name, lambda a, f=func: f(root(), a.prefix), text, show=show)
+        s.add_argument("--prefix", default=DEFAULT_PREFIX, help="default: /usr/local (before /usr)")
 
     s = add(
         "backup",
-        cmd_backup,
+        lambda a: run_backup(_config(a), a.qubes, a.exclude, a.json, a.full, a.dry_run),
         "back up qubes into the repository in the backup qube",
         "Runs the stock qvm-backup (uncompressed, through the shim) into `qtb-adapter store` in the backup "
         "qube, cross-checks what was stored against what dom0 sent, then seals and commits the manifest. "
@@ -252,96 +262,148 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("qubes", nargs="*", metavar="QUBE")
     s.add_argument("-x", "--exclude", action="append", default=[], metavar="QUBE")
     s.add_argument("--engine", choices=ENGINES, help="override the configured engine")
-
-    for name, func, text in (
-        ("restore", cmd_restore, "restore a snapshot with the stock qvm-backup-restore"),
-    ):
-        s = add(name, func, text)
-        s.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id, see qtb-pipe list")
-        s.add_argument("qubes", nargs="*", metavar="QUBE", help="restore only these (default: all)")
-        s.add_argument("--engine", choices=ENGINES)
-        group = s.add_mutually_exclusive_group()
-        group.add_argument(
-            "--rename-conflicting", action="store_true", help="restore as NAME1 if NAME exists"
-        )
-        group.add_argument("--skip-conflicting", action="store_true", help="skip qubes whose name exists")
-        s.add_argument("--skip-dom0-home", action="store_true")
-        s.add_argument(
-            "--paranoid-mode",
-            action="store_true",
-            help="passed to qvm-backup-restore; needs the shim in the management DispVM's template",
-        )
-        s.add_argument("--verify-only", action="store_true", help="check everything, restore nothing")
-        s.add_argument(
-            "--new-system",
-            action="store_true",
-            help="dom0 has no record of this snapshot (restoring after a reinstall with the recovery key): "
-            "accept it on its sealed manifest alone",
-        )
-        s.add_argument(
-            "--single-pass",
-            action="store_true",
-            help="skip the verify-only first pass (faster; a bad chunk then stops the restore midway, "
-            "after qubes were created, but still before its data is parsed)",
-        )
+    s.add_argument("--full", action="store_true", help="back up every selected qube, changed or not")
+    s.add_argument(
+        "--dry-run", action="store_true", help="say what would be backed up and why; change nothing"
+    )
 
     s = add(
-        "verify", cmd_verify, "test-restore a snapshot (--verify-only through the whole pipe) + engine check"
+        "restore",
+        cmd_restore,
+        "restore with the stock qvm-backup-restore: a snapshot, or each qube's newest copy",
+        "SNAPSHOT [QUBE...] restores (some qubes of) one snapshot; --all restores the whole system from "
+        "each qube's newest copy (--as-of: the newest at that time), templates and net qubes first; "
+        "--qube NAME the newest copy of NAME. One stock restore per snapshot; a qube that fails is "
+        "reported and the others still restore.",
+        show=print_report,
     )
-    s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="default: the latest")
-    s.add_argument("--latest", action="store_true", help="the latest complete snapshot (the default)")
+    s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="snapshot id, see qtb-pipe list")
+    s.add_argument("qubes", nargs="*", metavar="QUBE", help="restore only these of SNAPSHOT (default: all)")
+    s.add_argument("--all", action="store_true", help="every qube, from its newest copy")
+    s.add_argument(
+        "--qube", action="append", metavar="NAME", help="this qube, from its newest copy (repeatable)"
+    )
+    s.add_argument("--as-of", metavar="TIME", help="with --all/--qube: the newest copies made by TIME")
     s.add_argument("--engine", choices=ENGINES)
-    s.add_argument("--read-data-subset", metavar="N%|n/t", help="also read this part of the repository data")
+    for group in (("rename_conflicting", "skip_conflicting"), ("skip_broken", "ignore_missing")):
+        exclusive = s.add_mutually_exclusive_group()
+        for key in group:
+            exclusive.add_argument(f"--{key.replace('_', '-')}", action="store_true", help=RESTORE_FLAGS[key])
+    for key in ("skip_dom0_home", "ignore_username_mismatch", "paranoid_mode"):
+        s.add_argument(f"--{key.replace('_', '-')}", action="store_true", help=RESTORE_FLAGS[key])
+    s.add_argument("--verify-only", action="store_true", help="check everything, restore nothing")
+    s.add_argument(
+        "--new-system",
+        action="store_true",
+        help="dom0 has no record of this snapshot (restoring after a reinstall with the recovery key): "
+        "accept it on its sealed manifest alone",
+    )
+    s.add_argument(
+        "--single-pass",
+        action="store_true",
+        help="skip the verify-only first pass (faster; a bad chunk then stops the restore midway, "
+        "after qubes were created, but still before its data is parsed)",
+    )
+
+    s = add(
+        "verify",
+        cmd_verify,
+        "test-restore (--verify-only, through the whole pipe) the newest copy of every qube, or one "
+        "snapshot; then the engine's check",
+        show=print_verify,
+    )
+    s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="default: the newest copy of every qube")
+    s.add_argument("--engine", choices=ENGINES)
+    s.add_argument(
+        "--read-data-subset",
+        metavar="N%|n/t",
+        type=data_subset,
+        help="also read this part of the repository data",
+    )
     s.add_argument("--new-system", action="store_true", help="as for restore: no dom0 record of the snapshot")
+    for key in ("skip_broken", "ignore_missing"):
+        s.add_argument(f"--{key.replace('_', '-')}", action="store_true", help=RESTORE_FLAGS[key])
 
-    s = add("list", cmd_list, "snapshots with date, state, sizes, and whether dom0 has a record of them")
+    s = add(
+        "list",
+        lambda a: run_list(_config(a), a.qube),
+        "each qube's newest copy, age and count; the snapshots and dom0's record of them",
+        show=print_list,
+    )
     s.add_argument("--engine", choices=ENGINES)
+    s.add_argument("--qube", metavar="NAME", help="also the history of this qube's copies")
 
-    s = add("prune", cmd_prune, "forget old complete snapshots by retention, then the engine's cleanup")
+    s = add(
+        "prune",
+        lambda a: run_prune(_config(a), {k: getattr(a, k) for k in RETENTION_KEYS}, a.dry_run),
+        "forget old complete snapshots by retention, then the engine's cleanup",
+        show=print_prune,
+    )
     s.add_argument("--engine", choices=ENGINES)
     for key in RETENTION_KEYS:
-        s.add_argument(f"--{key.replace('_', '-')}", type=int, metavar="N", dest=key)
+        s.add_argument(f"--{key.replace('_', '-')}", type=keep_count, metavar="N", dest=key)
     s.add_argument("--dry-run", action="store_true")
 
-    s = add("check", cmd_check, "the engine's integrity check of the repository")
+    s = add(
+        "check",
+        lambda a: run_check(_config(a), a.read_data_subset),
+        "the engine's integrity check of the repository",
+        show=print_check,
+    )
     s.add_argument("--engine", choices=ENGINES)
-    s.add_argument("--read-data-subset", metavar="N%|n/t")
-
-    s = add("demo", cmd_demo, "the whole thing on an emulated Qubes (qubes-sim), no Qubes needed")
-    s.add_argument("--dir", help="work directory (default: a new temporary one, removed afterwards)")
-    s.add_argument("--engine", choices=[*ENGINES, "both"], default="both")
-    s.add_argument("--profile", choices=["small", "demo"], default="demo", help="world size (default: demo)")
+    s.add_argument("--read-data-subset", metavar="N%|n/t", type=data_subset)
     return p
+
+
+# What to do next, per exit code: the `hint` of a JSON error (the line on stderr says what happened)
+HINTS = {
+    EXIT_FAILED: "see docs/troubleshooting.md",
+    EXIT_USAGE: "see qtb-pipe --help",
+    EXIT_CONFIG: "run qtb-pipe init, or fix what `qtb-pipe config check` names",
+    EXIT_SNAPSHOT: "qtb-pipe list shows the snapshots and each qube's copies",
+    EXIT_VERIFY: "the backup qube served data that does not verify: see docs/security.md",
+    EXIT_QUBE: "check the backup qube and its adapter: docs/troubleshooting.md",
+    EXIT_SHIM: "run qtb-pipe install-shim; qtb-pipe shim-status shows what qubesd runs",
+}
+
+
+def fail(message: str, code: int, as_json: bool, result: dict | None = None, prefix: str = "error") -> int:
+    """One line on stderr; with --json also one object on stdout: the result so far (a partial
+    failure), with `error`, `exit_code` and `hint`."""
+    line = proc.printable(message, 1000).replace("\n", " ")
+    print(f"qtb-pipe: {prefix}: {line}", file=sys.stderr)
+    if as_json:
+        print_json({**(result or {}), "error": line, "exit_code": code, "hint": HINTS.get(code, "")})
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "restore" and args.verify_only:
-        handler = lambda a: cmd_restore(a, verify_only=True)  # noqa: E731
-    else:
-        handler = args.func
+    proc.VERBOSE = args.verbose
     try:
-        result = handler(args)
-        code = EXIT_OK
-    except _Exit as e:
-        result, code = e.result, e.code
+        cleanup_stale_runs()  # a killed run's directory holds the secret in its passphrase file
+        result = args.func(args)
+    except PartialFailure as e:
+        if args.show and not args.json:
+            args.show(e.result)
+        return fail(str(e), e.code, args.json, e.result)
     except QtbError as e:
-        print(f"qtb-pipe: error: {printable(str(e), 1000)}", file=sys.stderr)
-        return e.code
+        return fail(str(e), e.code, args.json)
     except KeyboardInterrupt:
-        print("qtb-pipe: interrupted; nothing was committed", file=sys.stderr)
-        return 130
+        return fail("interrupted; nothing was committed", 130, args.json, prefix="interrupted")
+    except OSError as e:  # a file dom0 must read or write: say which, and why
+        where = f" {e.filename}" if e.filename else ""
+        return fail(f"cannot use{where}: {e.strerror or e}", EXIT_FAILED, args.json)
     except Exception as e:  # never a traceback for the user; QTB_PIPE_DEBUG=1 shows it
         if os.environ.get("QTB_PIPE_DEBUG"):
             traceback.print_exc()
-        print(
-            f"qtb-pipe: internal error: {type(e).__name__}: {e} (QTB_PIPE_DEBUG=1 shows details)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        message = f"{type(e).__name__}: {e} (QTB_PIPE_DEBUG=1 shows details)"
+        return fail(message, EXIT_FAILED, args.json, prefix="internal error")
     if args.json:
         print_json(result)
-    return code
+    elif args.show:
+        args.show(result)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,18 +6,20 @@ Everything lives under a root: `/` on a real dom0, the emulated dom0's root in a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EXIT_CONFIG, EXIT_USAGE, QtbError
 
-SECRET_RE = re.compile(r"^[0-9a-f]{64}$")
-QUBE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+SECRET_RE = re.compile(r"[0-9a-f]{64}")
+QUBE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 ENGINES = ("restic", "borg")
 RETENTION_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
@@ -47,23 +49,31 @@ class Config:
     start_backup_qube: bool = True
     # how the backup qube's qrexec services find the adapter (a full path if it is not on their PATH)
     adapter_command: str = "qtb-adapter"
+    # seconds without a word from qvm-backup before it is stopped (0: wait forever)
+    stall_timeout: int = 1800
     retention: dict[str, int] = field(
         default_factory=lambda: {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 6}
     )
 
     def validate(self) -> None:
-        if not QUBE_NAME_RE.match(self.backup_qube):
+        if not QUBE_NAME_RE.fullmatch(self.backup_qube):
             raise QtbError(f"config: backup_qube {self.backup_qube!r} is not a qube name", EXIT_CONFIG)
         if self.engine not in ENGINES:
             raise QtbError(f"config: engine must be one of {', '.join(ENGINES)}", EXIT_CONFIG)
-        if not re.match(r"^[A-Za-z0-9_./-]{1,200}$", self.adapter_command):
+        if not re.fullmatch(r"[A-Za-z0-9_./-]{1,200}", self.adapter_command):
             raise QtbError("config: adapter_command must be a plain command name or path", EXIT_CONFIG)
         for name in self.include + self.exclude:
-            if not QUBE_NAME_RE.match(name):
+            if not QUBE_NAME_RE.fullmatch(name):
                 raise QtbError(f"config: {name!r} is not a qube name", EXIT_CONFIG)
+        if self.stall_timeout < 0:
+            raise QtbError("config: stall_timeout must be a whole number of seconds >= 0", EXIT_CONFIG)
         for key, value in self.retention.items():
-            if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:
-                raise QtbError(f"config: retention.{key} must be one of {RETENTION_KEYS} >= 0", EXIT_CONFIG)
+            if key not in RETENTION_KEYS:
+                raise QtbError(
+                    f"config: retention.{key} is not one of {', '.join(RETENTION_KEYS)}", EXIT_CONFIG
+                )
+            if value < 0:  # restic and borg users read -1 as "keep all"; it would remove everything
+                raise QtbError(f"config: retention.{key} must be a whole number >= 0", EXIT_CONFIG)
 
     def to_toml(self) -> str:
         def q(s: str) -> str:
@@ -80,6 +90,8 @@ class Config:
             f"start_backup_qube = {'true' if self.start_backup_qube else 'false'}",
             "# the adapter in the backup qube (a full path if it is not on the qrexec services' PATH)",
             f"adapter_command = {q(self.adapter_command)}",
+            "# stop a backup when qvm-backup says nothing for this many seconds (0: never)",
+            f"stall_timeout = {self.stall_timeout}",
             "",
             "[retention]",
             *(f"{k} = {v}" for k, v in self.retention.items()),
@@ -95,16 +107,34 @@ def load_config() -> Config:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise QtbError(f"{path}: not valid TOML: {e}", EXIT_CONFIG) from None
-    known = {f for f in Config.__dataclass_fields__}
-    unknown = set(data) - known
+    unknown = set(data) - set(SETTING_TYPES)
     if unknown:
         raise QtbError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}", EXIT_CONFIG)
-    try:
-        cfg = Config(**data)
-    except TypeError as e:
-        raise QtbError(f"{path}: {e}", EXIT_CONFIG) from None
+    for key, value in data.items():
+        check_setting_type(path, key, value)
+    cfg = Config(**data)
     cfg.validate()
     return cfg
+
+
+# Each setting's TOML type: (outer type, type of the items or values, what to tell the user)
+SETTING_TYPES: dict[str, tuple[type, type | None, str]] = {
+    "backup_qube": (str, None, "a qube name in quotes"),
+    "engine": (str, None, '"restic" or "borg"'),
+    "include": (list, str, 'a list of qube names, e.g. ["work", "vault"]'),
+    "exclude": (list, str, 'a list of qube names, e.g. ["work", "vault"]'),
+    "start_backup_qube": (bool, None, "true or false (no quotes)"),
+    "adapter_command": (str, None, "a command name or path in quotes"),
+    "stall_timeout": (int, None, "a whole number of seconds (0: never)"),
+    "retention": (dict, int, "a [retention] table of keep_* = whole numbers"),
+}
+
+
+def check_setting_type(path: Path, key: str, value: object) -> None:
+    outer, inner, words = SETTING_TYPES[key]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if type(value) is not outer or (inner is not None and any(type(v) is not inner for v in items)):
+        raise QtbError(f"{path}: {key} must be {words}", EXIT_CONFIG)
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -131,60 +161,42 @@ def generate_secret() -> str:
 def load_secret() -> str:
     path = secret_path()
     try:
-        text = path.read_text().strip()
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read(200).decode("ascii", "replace").strip()
     except FileNotFoundError:
         raise QtbError(f"no backup secret at {path}: run `qtb-pipe init`", EXIT_CONFIG) from None
     except PermissionError:
         raise QtbError(f"cannot read {path}: run as the user that ran `qtb-pipe init`", EXIT_CONFIG) from None
-    if not SECRET_RE.match(text):
+    except OSError as e:
+        raise QtbError(f"cannot read the backup secret {path}: {e.strerror}", EXIT_CONFIG) from None
+    if mode & 0o077:
+        raise QtbError(
+            f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}): fix it with chmod 600 {path}",
+            EXIT_CONFIG,
+        )
+    if not SECRET_RE.fullmatch(text):
         raise QtbError(f"{path} does not hold a qtb-pipe secret (64 hex digits)", EXIT_CONFIG)
     return text
 
 
+def key_check(secret: str) -> str:
+    """The recovery key's ninth group: 8 hex digits a mistyped key does not match."""
+    return hashlib.sha256(b"qtb-pipe recovery key\0" + bytes.fromhex(secret)).hexdigest()[:8]
+
+
 def parse_recovery_key(text: str) -> str:
-    """The recovery key as shown by `init`: 64 hex digits, grouped with dashes/spaces for reading."""
+    """The recovery key as shown by `init`: 64 hex digits and the check group, grouped with dashes or
+    spaces for reading (a key of 0.1, without the check group, is taken as it is)."""
     compact = re.sub(r"[\s-]", "", text.strip().lower())
-    if not SECRET_RE.match(compact):
-        raise QtbError("a recovery key is 64 hexadecimal digits (dashes and spaces are ignored)", EXIT_USAGE)
-    return compact
+    secret, check = compact[:64], compact[64:]
+    if not SECRET_RE.fullmatch(secret) or len(check) not in (0, 8):
+        raise QtbError("a recovery key is 9 groups of 8 hex digits (dashes, spaces ignored)", EXIT_USAGE)
+    if check and check != key_check(secret):
+        raise QtbError("the recovery key's last group does not fit the rest: a digit is mistyped", EXIT_USAGE)
+    return secret
 
 
 def format_recovery_key(secret: str) -> str:
-    return "-".join(secret[i : i + 8] for i in range(0, 64, 8))
-
-
-# --- dom0's records of committed snapshots ------------------------------------------------
-@dataclass
-class SnapshotRecord:
-    id: str
-    engine: str
-    backup_id: str
-    time: str
-    qubes: list[str]
-    stream_bytes: int
-    manifest_sha256: str
-
-
-def records_dir() -> Path:
-    return state_dir() / "snapshots"
-
-
-def save_record(rec: SnapshotRecord) -> None:
-    write_private(records_dir() / f"{rec.engine}-{rec.id}.json", json.dumps(asdict(rec), indent=2).encode())
-
-
-def load_records() -> dict[tuple[str, str], SnapshotRecord]:
-    out: dict[tuple[str, str], SnapshotRecord] = {}
-    if not records_dir().is_dir():
-        return out
-    for path in sorted(records_dir().glob("*.json")):
-        try:
-            rec = SnapshotRecord(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            continue  # a damaged record is ignored, never trusted
-        out[(rec.engine, rec.id)] = rec
-    return out
-
-
-def forget_record(engine: str, snapshot_id: str) -> None:
-    (records_dir() / f"{engine}-{snapshot_id}.json").unlink(missing_ok=True)
+    keyed = secret + key_check(secret)
+    return "-".join(keyed[i : i + 8] for i in range(0, 72, 8))

@@ -18,3 +18,11 @@ class QtbError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
+
+
+class PartialFailure(QtbError):
+    """Part of the work failed (one qube of several): the result is still shown, --json included."""
+
+    def __init__(self, message: str, code: int, result: dict) -> None:
+        super().__init__(message, code)
+        self.result = result

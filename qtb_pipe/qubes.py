@@ -1,88 +1,20 @@
-"""The one place that runs programs: the stock Qubes tools and the adapter in the backup qube.
-
-Everything the backup qube sends is hostile: output is size-bounded, error text is reduced to
-one line of printable ASCII before it reaches the user's terminal, JSON is parsed by the callers
-against a schema (see `adapter.py`).
-"""
+"""dom0's Qubes tools, as qtb-pipe calls them: qvm-ls, qvm-start, qvm-run, and the stock
+qvm-backup / qvm-backup-restore (their options mapped from typed option objects, here only)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from .errors import EXIT_FAILED, EXIT_QUBE, QtbError
+from . import proc
+from .errors import EXIT_QUBE, QtbError
 
-MAX_ERROR_BYTES = 64 * 1024
-PROGRESS_RE = re.compile(rb"Backup progress: ([0-9]+(?:\.[0-9]+)?)%")
-
-
-def printable(text: str, limit: int = 2000) -> str:
-    """Text that may carry bytes from the backup qube, made safe for a terminal."""
-    return re.sub(r"[^\x20-\x7e\n]", "?", text)[:limit]
+# qubesadmin/tools/qvm_backup.py print_progress: `\rMaking a backup... 12.34%` on stderr
+PROGRESS_RE = re.compile(rb"Making a backup\.\.\. ([0-9]{1,3}(?:\.[0-9]{1,2})?)%")
 
 
-def one_line(raw: bytes, fallback: str = "") -> str:
-    """The last meaningful line of untrusted error output, printable ASCII only, bounded."""
-    text = raw.decode("ascii", errors="replace")
-    lines = [re.sub(r"[^\x20-\x7e]", "?", ln).strip() for ln in re.split(r"[\r\n]+", text)]
-    lines = [ln for ln in lines if ln and not ln.startswith("Backup progress")]
-    return (lines[-1] if lines else fallback)[:300]
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: bytes
-    stderr: bytes
-
-
-def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20) -> Result:
-    """Run a command, reading at most stdout_limit bytes of its output (more is an error).
-    Its stderr is drained to the end (so it can never block the child) and kept up to a cap."""
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
-    err = bytearray()
-    err_reader = threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)
-    err_reader.start()
-    if input is not None:
-        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
-    out = proc.stdout.read(stdout_limit + 1)
-    if len(out) > stdout_limit:
-        proc.kill()
-        proc.wait()
-        raise QtbError(f"{argv[0]}: output larger than {stdout_limit} bytes, refused", EXIT_FAILED)
-    code = proc.wait()
-    err_reader.join()
-    return Result(code, out, bytes(err))
-
-
-def _drain(stream, keep: bytearray) -> None:
-    while chunk := stream.read(65536):
-        if len(keep) < MAX_ERROR_BYTES:
-            keep.extend(chunk[: MAX_ERROR_BYTES - len(keep)])
-
-
-def _feed(pipe, data: bytes) -> None:
-    try:
-        pipe.write(data)
-        pipe.close()
-    except BrokenPipeError:
-        pass
-
-
-# --- qubes --------------------------------------------------------------------------------
 @dataclass
 class QubeInfo:
     name: str
@@ -90,42 +22,71 @@ class QubeInfo:
     qid: int
     running: bool
     include_in_backups: bool
+    template: str | None
+    netvm: str | None
+
+
+# qvm-backup-restore fetches qubes.xml from a qube under a fixed 1 MiB cap that --ignore-size-limit
+# does not lift (facts §3; what the user then sees: docs/qubes-facts.md R8)
+QUBES_XML_RETRIEVAL_CAP = 1024 * 1024
+
+
+def qubes_xml_retrievable(enc_bytes: int) -> bool:
+    """Whether a qubes.xml.000.enc of this size can be restored from a qube (the unpacker's cap)."""
+    return enc_bytes <= QUBES_XML_RETRIEVAL_CAP
 
 
 def list_qubes() -> dict[str, QubeInfo]:
-    res = run(["qvm-ls", "--raw-data", "--fields", "name,class,qid,state,include_in_backups"])
+    fields_ = "name,class,qid,state,include_in_backups,template,netvm"
+    res = proc.run(["qvm-ls", "--raw-data", "--fields", fields_])
     if res.code != 0:
-        raise QtbError(f"qvm-ls failed: {one_line(res.stderr)}")
+        raise QtbError(f"qvm-ls failed: {proc.one_line(res.stderr)}")
     qubes = {}
     for line in res.stdout.decode().splitlines():
-        name, klass, qid, state, include = line.split("|")
-        qubes[name] = QubeInfo(name, klass, int(qid), state == "Running", include.lower() == "true")
+        name, klass, qid, state, include, template, netvm = line.split("|")
+        qubes[name] = QubeInfo(
+            name,
+            klass,
+            int(qid),
+            state == "Running",
+            include.lower() == "true",
+            None if template in ("", "-") else template,
+            None if netvm in ("", "-") else netvm,
+        )
     return qubes
 
 
 def start_qube(name: str) -> None:
-    res = run(["qvm-start", name])
+    res = proc.run(["qvm-start", name])
     if res.code != 0:
-        raise QtbError(f"cannot start {name}: {one_line(res.stderr)}", EXIT_QUBE)
+        raise QtbError(f"cannot start {name}: {proc.one_line(res.stderr)}", EXIT_QUBE)
 
 
 def run_in_qube(
     qube: str, argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20
-) -> Result:
+) -> proc.Result:
     """Run a command in a qube (qubes.VMShell through qvm-run), never starting it implicitly."""
     command = " ".join(shlex.quote(a) for a in argv)
-    return run(["qvm-run", "--pass-io", "--no-autostart", qube, command], input, stdout_limit)
+    return proc.run(["qvm-run", "--pass-io", "--no-autostart", qube, command], input, stdout_limit)
 
 
-# --- the stock backup tools ---------------------------------------------------------------
 def qvm_backup(
     backup_qube: str,
     location: str,
     passphrase_file: str,
     qubes: list[str],
     on_progress: Callable[[float], None],
-) -> Result:
+    stall_seconds: int = 0,
+) -> proc.Result:
     """Stock qvm-backup, uncompressed, with an explicit qube list (so what we show is what runs)."""
+    tail = b""
+
+    def progress(chunk: bytes) -> None:
+        nonlocal tail
+        tail = (tail + chunk)[-256:]
+        if found := PROGRESS_RE.findall(tail):
+            on_progress(float(found[-1]))
+
     argv = [
         "qvm-backup",
         "--yes",
@@ -137,47 +98,36 @@ def qvm_backup(
         location,
         *qubes,
     ]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = bytearray()
-    out_reader = threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True)
-    out_reader.start()
-    err = bytearray()
-    buf = b""
-    while chunk := os.read(proc.stderr.fileno(), 4096):
-        err += chunk
-        del err[:-MAX_ERROR_BYTES]
-        buf = (buf + chunk)[-256:]
-        found = PROGRESS_RE.findall(buf)
-        if found:
-            on_progress(float(found[-1]))
-    code = proc.wait()
-    out_reader.join()
-    return Result(code, bytes(out), bytes(err))
+    return proc.stream(argv, progress, stall_seconds=stall_seconds)
+
+
+@dataclass(frozen=True)
+class RestoreFlags:
+    """qvm-backup-restore's own options that `qtb-pipe restore` passes through (facts §4)."""
+
+    rename_conflicting: bool = False
+    skip_conflicting: bool = False
+    skip_broken: bool = False
+    ignore_missing: bool = False
+    skip_dom0_home: bool = False
+    ignore_username_mismatch: bool = False
+    paranoid_mode: bool = False
+    verify_only: bool = False
+
+    def argv(self) -> list[str]:
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name)]
 
 
 def qvm_backup_restore(
-    backup_qube: str, location: str, passphrase_file: str, options: list[str], qubes: list[str]
-) -> Result:
-    argv = [
-        "qvm-backup-restore",
-        "--ignore-size-limit",
-        "-p",
-        passphrase_file,
-        "-d",
-        backup_qube,
-        *options,
-        location,
-        *qubes,
-    ]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = bytearray(), bytearray()
-    readers = [
-        threading.Thread(target=_drain, args=(s, b), daemon=True)
-        for s, b in ((proc.stdout, out), (proc.stderr, err))
-    ]
-    for r in readers:
-        r.start()
-    code = proc.wait()
-    for r in readers:
-        r.join()
-    return Result(code, bytes(out), bytes(err))
+    backup_qube: str,
+    location: str,
+    passphrase_file: str,
+    flags: RestoreFlags,
+    qubes: list[str],
+    file_bytes: int,
+) -> proc.Result:
+    """Stock qvm-backup-restore from the backup qube. --ignore-size-limit: its byte limit comes from
+    qubes.xml's backup-size, which an uncompressed stream exceeds (facts §3); `file_bytes` bounds
+    every file dom0 writes instead (see proc.stream)."""
+    argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
+    return proc.stream([*argv, *flags.argv(), location, *qubes], file_bytes=file_bytes)

@@ -1,10 +1,15 @@
 """A qtb-pipe run in dom0: its token, its run directory, the passphrase given to the stock tools,
-and the shim's records (contract: docs/design.md)."""
+and what the shim leaves there (the shim's side: scrypt_shim.shim.RunDir; docs/design.md)."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +17,20 @@ from scrypt_shim import shim
 
 from .config import state_dir, write_private
 from .errors import EXIT_FAILED, QtbError
+from .manifest import Manifest
 
-TRAILER = shim.TRAILER_SIZE
+LOCK_NAME = "lock"
+# Held shared by create() from mkdir to rename and exclusively by cleanup_stale_runs() while it scans:
+# a `.new-*` directory that cleanup sees was left by a process that died in create().
+CREATE_LOCK_NAME = "runs.lock"  # beside runs/
+
+
+def make_user_passphrase(token: str, secret: bytes) -> str:
+    """The passphrase qvm-backup / qvm-backup-restore get for one run: `qtb1:<token>:<secret>`."""
+    passphrase = f"{shim.USER_PART_MARK}{token}:{secret.hex()}"
+    if not shim.USER_PART_RE.fullmatch(passphrase):
+        raise ValueError("token must be 32 lowercase hex digits and the secret 32 bytes")
+    return passphrase
 
 
 @dataclass
@@ -27,50 +44,123 @@ class ShimRecord:
     error: str = ""
 
 
+def plan_line(*words: str | int) -> bytes:
+    """One fixed-width line of a restore plan (the shim reads line k at k * PLAN_LINE)."""
+    text = " ".join(str(w) for w in words)
+    if len(text) >= shim.PLAN_LINE or "\n" in text:
+        raise ValueError(f"plan entry too long: {text[:80]}")
+    return text.ljust(shim.PLAN_LINE - 1).encode() + b"\n"
+
+
 @dataclass
 class Run:
+    """A run directory, held under an exclusive lock for as long as its qtb-pipe process lives:
+    a directory whose lock can be taken belongs to a dead run and is removed (cleanup_stale_runs)."""
+
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     run_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    lock_fd: int = -1
 
     @property
     def dir(self) -> Path:
         return state_dir() / "runs" / self.token
 
     def create(self, secret: str) -> Path:
-        """Make the run directory and the passphrase file; returns the passphrase file."""
-        self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.dir.mkdir(mode=0o700)
+        """The run directory (locked, then renamed into place, so a cleanup never sees it unlocked)
+        and its passphrase file; returns the passphrase file."""
+        runs = self.dir.parent
+        runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staging = runs / f".new-{self.token}"
+        with creating(runs, fcntl.LOCK_SH):
+            staging.mkdir(mode=0o700)
+            self.lock_fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            os.rename(staging, self.dir)
         passphrase = self.dir / "passphrase"
-        write_private(
-            passphrase, (shim.make_user_passphrase(self.token, bytes.fromhex(secret)) + "\n").encode()
-        )
+        write_private(passphrase, (make_user_passphrase(self.token, bytes.fromhex(secret)) + "\n").encode())
         return passphrase
 
+    def write_plan(self, manifest: Manifest, prefixes: list[str]) -> list[dict]:
+        """What this restore pass must decrypt, in stream order: the header, qubes.xml and every chunk
+        under `prefixes`. The shim accepts exactly this sequence; returns it."""
+        wanted = [c for c in manifest.chunks if c["path"] in (shim.HEADER_PATH, shim.QUBES_XML_PATH)]
+        wanted += manifest.chunks_of(prefixes)
+        lines = [plan_line("qtb-plan", manifest.backup_id)]
+        lines += [plan_line(c["path"], c["size"], c["tag"]) for c in wanted]
+        write_private(self.dir / "plan", b"".join(lines))
+        return wanted
+
+    def accepted(self) -> int:
+        """How many chunks of the plan the shim accepted (one byte each)."""
+        try:
+            return (self.dir / "accepted").stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def records(self) -> list[ShimRecord]:
+        try:
+            lines = (self.dir / "records.jsonl").read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
         out = []
-        for data in shim.read_records(str(self.dir)):
+        for line in lines:
             try:
+                data = json.loads(line)
                 out.append(
                     ShimRecord(**{k: v for k, v in data.items() if k in ShimRecord.__dataclass_fields__})
                 )
-            except TypeError:
+            except (ValueError, TypeError):
                 raise QtbError(f"damaged shim record in {self.dir}", EXIT_FAILED) from None
         return out
 
+    def failure(self) -> str | None:
+        failed = [r for r in self.records() if r.status != "ok"]
+        return f"{failed[0].path}: {failed[0].error[:300]}" if failed else None
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
-def cleanup_stale_runs(max_age_s: float = 7 * 86400) -> None:
-    """Run directories of runs that died without cleaning up (their passphrase file included)."""
-    import time
+@contextmanager
+def creating(runs: Path, mode: int) -> Iterator[None]:
+    fd = os.open(runs.parent / CREATE_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
 
+
+def cleanup_stale_runs() -> None:
+    """Remove the run directories of runs that died (killed, power loss): their passphrase files
+    hold the secret. Every command calls this first; live runs keep their lock and are left alone."""
     runs = state_dir() / "runs"
-    if not runs.is_dir():
+    try:
+        with creating(runs, fcntl.LOCK_EX):
+            for d in runs.iterdir():
+                remove_if_dead(d)
+    except OSError:
         return
-    for d in runs.iterdir():
-        try:
-            if time.time() - d.stat().st_mtime > max_age_s:
-                shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            pass
+
+
+def remove_if_dead(d: Path) -> None:
+    if d.name.startswith(".new-"):  # its process died in create(): a live one holds the create lock
+        shutil.rmtree(d, ignore_errors=True)
+        return
+    try:
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        shutil.rmtree(d, ignore_errors=True)  # no lock file: not a live run's directory
+        return
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # a live run
+    finally:
+        os.close(fd)
+    shutil.rmtree(d, ignore_errors=True)

@@ -28,6 +28,12 @@ def human_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def short_id(snapshot_id: str) -> str:
+    """restic's 64-hex ids shortened as restic does (12 characters, a prefix `restore` accepts);
+    borg's archive names (qtb-s-<time>-<run>) share their first characters, so they stay whole."""
+    return snapshot_id[:12] if len(snapshot_id) == 64 else snapshot_id
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 

@@ -13,14 +13,17 @@ import datetime
 import os
 import queue
 import shutil
+import string
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import qrexec
+from . import qrexec, storage
 from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, render_qubes_xml
 
@@ -114,6 +117,7 @@ class FileToBackup:
     name: str  # name in the archive, e.g. "private.img"
     size: int  # disk usage, the unit of backup-size
     is_dir: bool = False
+    block_device: bool = False  # an LVM thin volume: exported as a block device, written by tarwriter
 
     @property
     def archive_path(self) -> str:
@@ -141,10 +145,12 @@ def files_for(world: World, q: Qube) -> list[FileToBackup]:
         return [FileToBackup(home, "dom0-home/", world.user, disk_usage(home), is_dir=True)]
     subdir = f"vm{q.qid}/"
     files = []
+    drivers = {v.name: v.driver for v in storage.volumes_of(world, q.name)}
     for vol in q.volumes:
         img = q.vm_dir(world) / f"{vol}.img"
         if img.exists():
-            files.append(FileToBackup(img, subdir, f"{vol}.img", disk_usage(img)))
+            lvm = drivers.get(vol) == "lvm_thin"
+            files.append(FileToBackup(img, subdir, f"{vol}.img", disk_usage(img), block_device=lvm))
     for extra in ("firewall.xml", "notes.txt"):
         p = q.vm_dir(world) / extra
         if p.exists():
@@ -153,8 +159,17 @@ def files_for(world: World, q: Qube) -> list[FileToBackup]:
 
 
 def inner_tar_cmd(f: FileToBackup) -> list[str]:
-    if f.is_dir:  # dom0 home: members <user>/...
-        return ["tar", "-c", "-C", str(f.path.parent), f.path.name]
+    if f.is_dir:  # dom0 home: members dom0-home/<user>/... (backup.py: --xform=s:^<base>:<subdir>\0:)
+        return [
+            "tar",
+            "-c",
+            "-C",
+            str(f.path.parent),
+            f"--transform=s:^{f.path.name}:dom0-home/&:",
+            f.path.name,
+        ]
+    if f.block_device:  # backup.py ~l.724-745: tar cannot read a block device's content
+        return [sys.executable, "-m", "qubes_sim.tarwriter", f"--override-name={f.archive_path}", str(f.path)]
     sparse = ["--sparse"] if f.name.endswith(".img") else []
     return [
         "tar",
@@ -245,21 +260,27 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
         )
         code, err = finish(proc)
         if code != 0:
-            raise SimError(f"Backup error: Failed to compute hmac of header file: {err}")
+            raise SimError(f"Failed to compute hmac of header file: {err}")
 
         if profile.destination_vm == "dom0":
             dest = Path(profile.destination_path)
             if not dest.is_dir():
-                raise SimError(f"Backup error: {dest} is not a directory")
+                raise SimError(f"ERROR: the backup directory for {dest} does not exists")
             target = open(dest / datetime.datetime.now().strftime("qubes-backup-%Y-%m-%dT%H%M%S"), "wb")  # noqa: SIM115
         else:
-            vmproc = qrexec.start_service(world, profile.destination_vm, "qubes.Backup")
+            vmproc = qrexec.start_service(
+                world, profile.destination_vm, "qubes.Backup", stdout=subprocess.DEVNULL
+            )
             vmproc.stdin.write(profile.destination_path.replace("\r", "").replace("\n", "").encode() + b"\n")
             vmproc.stdin.flush()
             target = vmproc.stdin
         stderr_buf = bytearray()
+        stderr_reader = None
         if vmproc is not None:
-            threading.Thread(target=lambda: stderr_buf.extend(vmproc.stderr.read()), daemon=True).start()
+            stderr_reader = threading.Thread(
+                target=lambda: stderr_buf.extend(vmproc.stderr.read()), daemon=True
+            )
+            stderr_reader.start()
 
         sender = Sender(tmpdir, target)
         sender.start()
@@ -269,6 +290,7 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
         qubes_xml = FileToBackup(tmpdir / "qubes.xml", "", "qubes.xml", disk_usage(tmpdir / "qubes.xml"))
         total = sum(f.size for f in plan) or 1
         done = 0
+        last_progress = time.monotonic()
         for f in [qubes_xml, *plan]:
             cmd = inner_tar_cmd(f)
             inner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -297,7 +319,9 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
                 if code != 0:  # qubesd only logs this
                     log.write(f"{backup_id}: scrypt for {chunk_name} exited {code}: {err}\n")
                 done += consumed
-                if progress:
+                # qubes/backup.py _send_progress_update: at most one event a second, none at the end
+                if progress and time.monotonic() - last_progress >= 1:
+                    last_progress = time.monotonic()
                     progress(min(100.0, 100.0 * done / total))
                 sender.files.put(chunk_name + ".enc")
                 if sender.error or consumed < chunk_size:
@@ -316,21 +340,24 @@ def qubesd_backup(world: World, profile: Profile, progress: Callable[[float], No
             except BrokenPipeError:
                 pass
             code = vmproc.wait()
-            if code != 0:
-                msg = bytes(stderr_buf[-1024:]).decode(errors="replace").strip()
-                raise SimError(
-                    f"Backup error: Failed to send backup: VM '{profile.destination_vm}' "
-                    f"exited with code {code}: {msg}"
-                )
+            stderr_reader.join()
+            if code != 0:  # qubes/backup.py _monitor_process: printable stderr without \r\n%{}
+                text = bytes(stderr_buf).decode("ascii", errors="ignore")
+                msg = "".join(c for c in text if c in string.printable and c not in "\r\n%{}")
+                raise SimError(f"Writing backup to VM {profile.destination_vm} failed: {msg}")
         else:
             target.close()
         if sender.error:
-            raise SimError(f"Backup error: {sender.error}")
-        if progress:
-            progress(100.0)
+            raise SimError(sender.error)
+        # qubes/backup.py ~l.973: each backed-up qube's backup_timestamp, saved in qubes.xml
+        saved = world.load_qubes()
+        for q in selected:
+            if q.klass != "AdminVM":
+                saved[q.name].backup_timestamp = int(time.time())
+        world.save_qubes(saved)
         return backup_id
     except UnexpectedPrompt as e:
-        raise SimError(f"Backup error: {e}") from None
+        raise SimError(str(e)) from None
     finally:
         log.close()
         if vmproc is not None and vmproc.poll() is None:

@@ -10,7 +10,7 @@ import random
 import sys
 from pathlib import Path
 
-from . import content
+from . import content, storage
 from .world import Qube, SimError, World, real_scrypt, render_qubes_xml, write_tool_wrappers
 
 MiB = 1024 * 1024
@@ -84,6 +84,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             q.klass = "StandaloneVM"
         qubes[name] = q
         _make_qube_fs(world, name)
+        storage.init_volumes(world, name, q.klass, args.pool)
         if args.bare and name == "backup":
             volumes = {"root": 1, "private": 1}
         for i, (vol, mib) in enumerate(volumes.items()):
@@ -148,6 +149,9 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     names = args.qubes or [n for n in qubes if n != "backup"]
     for name in names:
         q = world.get_qube(name)
+        was_running = world.is_running(name)
+        if q.klass != "AdminVM":  # the qube ran and changed its data: start, write, stop (a commit)
+            world.set_running(name, True)
         if q.klass == "AdminVM":
             home = world.dom0_home
             for i in range(3):
@@ -164,6 +168,9 @@ def cmd_mutate(args: argparse.Namespace) -> int:
         if notes.exists():
             with open(notes, "a") as f:
                 f.write(f"changed with seed {args.seed}\n")
+        world.set_running(name, False)
+        if was_running:
+            world.set_running(name, True)
     print(f"qubes-sim: mutated {', '.join(names)} ({args.percent}% of blocks)")
     return 0
 
@@ -192,7 +199,7 @@ def world_digest(world: World, names: list[str] | None = None, restored_home: bo
             restores = sorted(home.glob("home-restore-*"))
             if not restores:
                 raise SimError("no home-restore-* directory in dom0's home", 1)
-            home = restores[-1] / world.user
+            home = restores[-1] / "dom0-home" / world.user  # as real restores leave it
         for f in sorted(home.rglob("*")):
             rel = f.relative_to(home).as_posix()
             if f.is_file() and not rel.startswith(("home-restore-", "QubesIncoming")):
@@ -228,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--user", default="user", help="dom0 user name (default: user)")
     s.add_argument(
+        "--pool",
+        choices=sorted(storage.POOLS),
+        default="vm-pool",
+        help="the pool of every volume: vm-pool (lvm_thin, the default install), reflink (file-reflink), "
+        "varlibqubes (file)",
+    )
+    s.add_argument(
         "--bare",
         action="store_true",
         help="a freshly installed system to restore into: dom0 and the backup qube only",
@@ -252,10 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--restored-home",
         action="store_true",
-        help="digest the newest ~/home-restore-*/USER instead of dom0's home",
+        help="digest the newest ~/home-restore-*/dom0-home/USER instead of dom0's home",
     )
     s.set_defaults(func=cmd_digest)
+    s = sub.add_parser(
+        "demo", help="the whole of qtb-pipe on an emulated Qubes, as a user types it (make demo)"
+    )
+    s.add_argument("--dir", help="work directory (default: a new temporary one, removed afterwards)")
+    s.add_argument("--engine", choices=["restic", "borg", "both"], default="both")
+    s.add_argument("--profile", choices=["small", "demo"], default="demo", help="world size (default: demo)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.dir, args.engine, args.json, args.profile)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,19 +19,26 @@ from typing import IO
 
 from .world import SimError, World
 
-# VM side of qubes.Backup: LOCATION is a directory (write a file there) or a command (stream on
-# stdin, stdout discarded, exit status propagated, stderr goes back to dom0).
+# VM side of qubes.Backup (docs/qubes-facts.md R6): LOCATION is a directory (the stream goes to a
+# file there) or a command whose first word is found on PATH (the stream on its stdin; its exit
+# status is the service's); anything else is "Invalid command", exit 1. Everything the script and
+# the command print on stdout goes to the service's stdout, which qubesd discards (start_service
+# is called with stdout=DEVNULL, as backup.py ~l.870-875 does); only stderr reaches dom0. The
+# real script's `sync` calls flush the qube's disks: left out, they change nothing observable.
 QUBES_BACKUP = r"""
+echo Starting Backupcopy
 read -r args
+echo "Arguments: $args"
+first=${args%% *}
 if [ -d "$args" ]; then
-    exec cat > "$args/qubes-backup-$(date +'%Y-%m-%dT%H%M%S')"
+    dd bs=128K iflag=fullblock conv=fsync of="$args/qubes-backup-$(date +'%Y-%m-%dT%H%M%S')"
+elif command -v "$first" >/dev/null; then
+    eval "set -- $args"
+    "$@"
+else
+    echo "Invalid command $first"
+    exit 1
 fi
-eval "set -- $args"
-if ! command -v "$1" >/dev/null 2>&1; then
-    echo "qubes.Backup: '$1' is neither a directory nor a command" >&2
-    exit 127
-fi
-"$@" >/dev/null
 """
 
 # VM side of qubes.Restore: LOCATION is a file (read it) or a command, run from the start each
@@ -139,13 +146,19 @@ def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: a file already present is never overwritten by data from the VM
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            left = size
-            view = memoryview(buf)
-            while left:
-                n = stream.readinto(view[: min(left, len(buf))])
-                if not n:
-                    raise UnpackError(f"truncated file {name}", errno.EIO)
-                f.write(view[:n])
-                left -= n
+        try:
+            with os.fdopen(fd, "wb") as f:
+                left = size
+                view = memoryview(buf)
+                while left:
+                    n = stream.readinto(view[: min(left, len(buf))])
+                    if not n:
+                        raise UnpackError(f"truncated file {name}", errno.EIO)
+                    f.write(view[:n])
+                    left -= n
+        except OSError as e:
+            # Past a file size limit the C unpacker is killed by SIGXFSZ (Popen: returncode -25); on
+            # other write errors (ENOSPC…) do_exit() exits with the errno (unpack.c).
+            code = -signal.SIGXFSZ if e.errno == errno.EFBIG else e.errno or errno.EIO
+            raise UnpackError(f"{name}: {e.strerror}", code) from None
         on_file(name)

@@ -3,7 +3,7 @@
 Three retrievals through qubes.Restore (header files; qubes.xml; the selected qubes' paths,
 templates first), each written by the qfile unpacker under a size/count limit; header
 decrypt-and-compare; `scrypt dec -f IN OUT` per file over a pty; strict chunk order; inner tar
-extraction into the target volumes; dom0 home into ~/home-restore-<date>/.
+extraction into the target volumes; dom0 home into ~/home-restore-<date>/dom0-home/<user>/.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -19,12 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import qrexec
+from . import qrexec, storage
 from .backup import HEADER_KEYS
 from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, parse_qubes_xml
 
 HEADER_QUBES_XML_MAX_SIZE = 1024 * 1024
+# the loggers of qubesadmin/backup/restore.py (BackupRestore ~l.1010, ExtractWorker ~l.438)
+BACKUP_LOG = "qubesadmin.backup"
+EXTRACT_LOG = "qubesadmin.backup.extract"
 
 
 @dataclass
@@ -134,12 +138,17 @@ class Restore:
             qrexec.unpack_qfile(stream, self.tmpdir, limit_bytes, limit_count, on_file)
         except qrexec.UnpackError as e:
             qrexec.kill_service(proc)
+            if e.code == errno.EDQUOT and limit_bytes == HEADER_QUBES_XML_MAX_SIZE:
+                return  # tar2qfile ignores EDQUOT and exits 0: the header retrieval sees no file (R8)
             if e.code == errno.EDQUOT:
                 raise SimError(
                     "retrieved backup size exceed expected size, if you believe this is ok, "
                     "use --ignore-size-limit option"
                 ) from None
-            raise SimError(f"unable to read the qubes backup file {self.location}: {e}") from None
+            vm_stderr = proc.stderr.read(1024).decode(errors="replace") if proc.stderr else ""
+            raise SimError(
+                f"unable to read the qubes backup file {self.location} ({e.code}): {vm_stderr}"
+            ) from None
         finally:
             stream.close()
         err = proc.stderr.read(1024).decode(errors="replace")
@@ -206,6 +215,7 @@ class Restore:
         unknown = [n for n in o.vms if n not in backup_qubes and n != "dom0"]
         if unknown:
             raise SimError(f"VM(s) not found in the backup: {', '.join(unknown)}")
+        # qubesadmin/backup/restore.py restore_info_verify (~l.1660-1750)
         names = {t.vm.name for t in plan}
         taken = set(host)
         for t in plan:
@@ -213,25 +223,36 @@ class Restore:
                 t.problems.append("excluded")
                 continue
             if not o.verify_only and t.vm.name in host:
-                if o.rename_conflicting:
-                    n = 1
-                    while f"{t.vm.name}{n}" in taken | names:
-                        n += 1
-                    t.name = f"{t.vm.name}{n}"
+                if o.rename_conflicting:  # new_name_for_conflicting_vm: NAME-1, NAME-2, ... (cut to 29)
+                    base = t.vm.name[:29]
+                    t.name = next(f"{base}-{n}" for n in range(1, 99) if f"{base}-{n}" not in taken | names)
                     taken.add(t.name)
                 else:
                     t.problems.append("already-exists")
+        default_template = next((q.name for q in host.values() if q.klass == "TemplateVM"), None)
         for t in plan:
             if (
                 t.template
                 and not (t.template in host and host[t.template].klass == "TemplateVM")
-                and not any(o2.vm.name == t.template and not o2.problems for o2 in plan)
+                and not any(
+                    o2.vm.name == t.template and o2.vm.klass == "TemplateVM" and not o2.problems
+                    for o2 in plan
+                )
             ):
-                defaults = [q.name for q in host.values() if q.klass == "TemplateVM"]
-                if defaults:
-                    t.template = defaults[0]
+                if o.ignore_missing and default_template:
+                    t.template = default_template
                 else:
                     t.problems.append("missing-template")
+            netvm = t.vm.netvm  # checked only when set explicitly (not the system default)
+            if (
+                netvm
+                and not (netvm in host and host[netvm].provides_network)
+                and not any(o2.vm.name == netvm and o2.vm.provides_network and not o2.problems for o2 in plan)
+            ):
+                if o.ignore_missing:
+                    t.vm.netvm = None  # the property is dropped: the host's default net qube
+                else:
+                    t.problems.append("missing-netvm")
         dom0 = backup_qubes.get("dom0")
         if (
             dom0
@@ -247,6 +268,16 @@ class Restore:
 
     # --- data ---------------------------------------------------------------------------
     def restore_data(self, plan: list[ToRestore]) -> None:
+        """qubesadmin restore_do (~l.2036-2042): an error while extracting the data is logged and the
+        tool goes on to exit 0; only with --verify-only is it raised (exit 1)."""
+        try:
+            self._restore_data(plan)
+        except SimError as e:
+            if self.options.verify_only:
+                raise
+            self.log(f"Error extracting data: {e}", BACKUP_LOG)
+
+    def _restore_data(self, plan: list[ToRestore]) -> None:
         todo = [t for t in plan if not t.problems]
         todo.sort(key=lambda t: t.vm.klass != "TemplateVM")
         if not self.options.verify_only:
@@ -301,7 +332,7 @@ class Restore:
         for t in todo:
             if t.vm.klass == "AdminVM":
                 continue
-            self.log(f"-> Restoring {t.vm.name}...")
+            self.log(f"-> Restoring {t.vm.name}...", BACKUP_LOG)
             q = Qube(
                 qid=next_qid,
                 name=t.name,
@@ -316,6 +347,7 @@ class Restore:
             )
             next_qid += 1
             host[q.name] = q
+            storage.init_volumes(self.world, q.name, q.klass, "vm-pool")
             q.vm_dir(self.world).mkdir(parents=True, exist_ok=True)
             self.world.qube_home(q.name).mkdir(parents=True, exist_ok=True)
             t.restored = q
@@ -323,6 +355,12 @@ class Restore:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _as_qubesd() -> None:
+    """The volume import runs as qubesd does it (admin.vm.volume.ImportWithSize): not a child of
+    qvm-backup-restore, so not bound by the file size limit its caller may have set."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
 def _send_file(src_fd: int, pipe_fd: int) -> None:
@@ -340,6 +378,7 @@ class InnerExtractor:
         self.current: str | None = None
         self.proc: subprocess.Popen | None = None
         self.sink: subprocess.Popen | None = None  # the volume import behind a volume's tar
+        self.volume: storage.Volume | None = None  # the volume it imports into
 
     def extract_small(self, chunk: str, member: str) -> bytes:
         data = (self.r.tmpdir / chunk).read_bytes()
@@ -362,11 +401,19 @@ class InnerExtractor:
             self._finish_file()
             self._start_file(base)
         else:
-            expected = f"{self.current}.{int(self._last) + 1:03d}" if self.current else None
+            if self.current is None:  # the file's extraction ended: its later chunks are dropped
+                (self.r.tmpdir / plain).unlink()
+                return
+            expected = f"{self.current}.{int(self._last) + 1:03d}"
             if plain != expected:
                 (self.r.tmpdir / plain).unlink()
                 self.abort()
-                raise SimError(f"Unexpected file in archive: {plain}, expected {expected}")
+                self.current = None
+                tmp = self.r.tmpdir  # the worker logs the paths it was queued: under the temp directory
+                self.r.log(
+                    f"Unexpected file in archive: {tmp / plain}, expected {tmp / expected}", EXTRACT_LOG
+                )
+                return
         self._last = number
         if self.proc is not None:
             with open(self.r.tmpdir / plain, "rb") as f:
@@ -384,9 +431,11 @@ class InnerExtractor:
                 self.proc = None
                 return
             home = self.r.world.dom0_home
-            dest = home / time.strftime("home-restore-%Y-%m-%d-%H%M%S")
+            dest = home / time.strftime("home-restore-%Y-%m-%d-%H%M%S")  # members are dom0-home/<user>/…
             dest.mkdir(parents=True, exist_ok=True)
-            self.r.log(f"Restoring home of user '{self.r.world.user}' to '{dest.name}' directory...")
+            self.r.log(
+                f"Restoring home of user '{self.r.world.user}' to '{dest.name}' directory...", BACKUP_LOG
+            )
             self.proc = subprocess.Popen(
                 self._tar_cmd(["-x", "-C", str(dest)]), stdin=subprocess.PIPE, stderr=subprocess.PIPE
             )
@@ -396,6 +445,9 @@ class InnerExtractor:
             self.proc = None
             return
         vm_dir = t.restored.vm_dir(self.r.world)
+        self.volume = next(
+            (v for v in storage.volumes_of(self.r.world, t.restored.name) if f"{v.name}.img" == fname), None
+        )
         self.proc = subprocess.Popen(
             self._tar_cmd(["-xO", base]),
             stdin=subprocess.PIPE,
@@ -407,6 +459,7 @@ class InnerExtractor:
             ["dd", f"of={vm_dir / fname}", "bs=4096", "iflag=fullblock", "conv=sparse", "status=none"],
             stdin=self.proc.stdout,
             stderr=subprocess.PIPE,
+            preexec_fn=_as_qubesd,
         )
         self.proc.stdout.close()
 
@@ -424,9 +477,28 @@ class InnerExtractor:
         if self.sink is not None:
             sink_err = self.sink.stderr.read().decode(errors="replace").strip()
             sink_code = self.sink.wait()
-        name, self.proc, self.sink, self.current = self.current, None, None, None
+        volume, sink = self.volume, self.sink
+        name, self.proc, self.sink, self.current, self.volume = self.current, None, None, None, None
+        # the import thread's log (_handle_volume_data) and the worker's (cleanup_tar2): each its own
+        if sink_code != 0:
+            vm = name.rpartition("/")[0] if name else "?"
+            target = self.targets.get(vm)
+            self.r.log(
+                f"Failed to restore volume {volume.name if volume else name} (size None) of VM "
+                f"{target.name if target else vm}: {sink_err or f'import exited with {sink_code}'}",
+                BACKUP_LOG,
+            )
+        if code != 0:  # ExtractWorker.cleanup_tar2 (~l.534-539): logged, the restore goes on
+            tar_output = "\n  ".join(err.strip().splitlines())
+            self.r.log(
+                f"ERROR: unable to extract files for {self.r.tmpdir / f'{name}.{self._last}'}, tar output:\n"
+                f"  {tar_output}",
+                EXTRACT_LOG,
+            )
         if code != 0 or sink_code != 0:
-            raise SimError(f"unable to extract files for {name}, tar output: {err.strip()} {sink_err}")
+            return
+        if sink is not None and volume is not None:  # a finished import commits (lvm import_data_end)
+            storage.commit(self.r.world, volume)
 
     def close(self) -> None:
         self._finish_file()

@@ -11,16 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import storage
 from .backup import Profile, files_for, qubesd_backup, select_qubes
-from .restore import Restore, RestoreOptions
+from .restore import BACKUP_LOG, Restore, RestoreOptions
 from .world import SimError, World
 
 
 def _world() -> World:
-    root = os.environ.get("QUBES_SIM_DIR")
-    if not root:
-        raise SimError("QUBES_SIM_DIR is not set: run this through `qubes-sim run DIR -- …`", 2)
-    return World(Path(root))
+    return World.current()
 
 
 def _read_passphrase(source: str | None, prompt: str, confirm: str | None) -> str:
@@ -32,6 +30,9 @@ def _read_passphrase(source: str | None, prompt: str, confirm: str | None) -> st
     if confirm is not None and getpass.getpass(confirm) != first:
         raise SimError("Passphrase mismatch!")
     return first
+
+
+OR_PASS = "Or pass: --skip-broken or --ignore-missing."
 
 
 def _confirm(question: str) -> bool:
@@ -48,7 +49,6 @@ def qvm_backup(argv: list[str]) -> int:
     p.add_argument("-Z", "--compress-filter")
     p.add_argument("--no-compress", action="store_true")
     p.add_argument("-y", "--yes", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--profile")
     p.add_argument("--save-profile")
     p.add_argument("backup_location", nargs="?")
@@ -80,37 +80,35 @@ def qvm_backup(argv: list[str]) -> int:
         )
     qubes = world.load_qubes()
     selected = select_qubes(qubes, profile.include, profile.exclude)
-    if not args.quiet:
-        for q in selected:
-            size = sum(f.size for f in files_for(world, q))
-            print(f"  {q.name:<24} {q.klass:<12} {size:>14}")
-        print(f"The backup will be saved in {profile.destination_vm}: {profile.destination_path}")
+    for q in selected:
+        size = sum(f.size for f in files_for(world, q))
+        print(f"  {q.name:<24} {q.klass:<12} {size:>14}")
+    print(f"The backup will be saved in {profile.destination_vm}: {profile.destination_path}")
     if not args.yes and not _confirm("Do you want to proceed?"):
-        print("Backup canceled.", file=sys.stderr)
-        return 1
+        return 0  # the real client: answering no is exit 0
     # The client writes the profile, qubesd runs it (admin.backup.Execute+<profile>).
-    name = args.save_profile or args.profile or f"qvm-backup-tmp-{os.getpid()}"
+    name = args.save_profile or args.profile or f"backup-run-{os.getpid()}"
     path = profdir / f"{name}.conf"
     if not args.profile:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(profile.render())
+
+    # As qubesadmin/tools/qvm_backup.py: progress events as `\rMaking a backup... NN.NN%` on stderr
+    # (terminal or not), `\nBackup error: MSG` and exit 1 on failure, a blank line on stdout at the end.
+    def progress(pct: float) -> None:
+        sys.stderr.write(f"\rMaking a backup... {pct:.02f}%")
+        sys.stderr.flush()
+
     try:
-        tty = sys.stderr.isatty()
-
-        def progress(pct: float) -> None:
-            if not args.quiet:
-                sys.stderr.write(
-                    f"\rBackup progress: {pct:.2f}%" if tty else f"Backup progress: {pct:.2f}%\n"
-                )
-                sys.stderr.flush()
-
         qubesd_backup(world, Profile.parse(path.read_text()), progress)
-        if not args.quiet:
-            print(("\n" if tty else "") + "Backup finished.", file=sys.stderr)
+    except SimError as e:
+        print(f"\nBackup error: {e}", file=sys.stderr)
+        return 1
     finally:
         if not args.save_profile and not args.profile:
             path.unlink(missing_ok=True)
+        print("\n")
     return 0
 
 
@@ -156,8 +154,9 @@ def qvm_backup_restore(argv: list[str]) -> int:
         None,
     )
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
+    def log(msg: str, logger: str | None = None) -> None:
+        # qubesadmin/log.py's console format is "%(name)s: %(message)s" for the library's loggers
+        print(f"{logger}: {msg}" if logger else msg, file=sys.stderr)
 
     r = Restore(world, args.backup_vm, args.backup_location, passphrase, opts, log)
     try:
@@ -174,29 +173,31 @@ def qvm_backup_restore(argv: list[str]) -> int:
                 note = " <-- Excluded from restore"
             elif "missing-template" in t.problems:
                 note = " <-- No matching template on the host or in the backup found!"
+            elif "missing-netvm" in t.problems:
+                note = " <-- No matching netvm on the host or in the backup found!"
             elif "username-mismatch" in t.problems:
                 note = " <-- username in backup and dom0 mismatch"
             elif t.name != t.vm.name:
                 note = f" <-- Will be renamed to '{t.name}'"
             print(f"  {t.vm.name:<24} {t.vm.klass:<12}{note}")
-        conflicts = [t for t in plan if "already-exists" in t.problems]
-        if conflicts and not args.skip_conflicting:
-            raise SimError(
-                "*** Error: VM(s) with the same name already exist on the host; remove them, or use "
-                "--skip-conflicting or --rename-conflicting"
-            )
-        broken = [t for t in plan if {"missing-template", "username-mismatch"} & set(t.problems)]
-        if broken and not (args.skip_broken or args.ignore_missing):
-            raise SimError(
-                "*** Error: some VMs cannot be restored (missing template or username mismatch); "
-                "use --skip-broken to skip them"
-            )
+        # qubesadmin/tools/qvm_backup_restore.py handle_broken (~l.113-213), also with --verify-only
+        if any("already-exists" in t.problems for t in plan) and not args.skip_conflicting:
+            log("*** There are VMs with conflicting names on the host! ***")
+            raise SimError("Remove VMs with conflicting names from the host before proceeding.")
+        for problem, what in (("missing-template", "TemplateVMs"), ("missing-netvm", "NetVMs")):
+            if any(problem in t.problems for t in plan):
+                log(f"*** One or more {what} are missing on the host! ***")
+                if not (args.skip_broken or args.ignore_missing):
+                    # sic: no space after "restore." in qvm_backup_restore.py
+                    raise SimError(f"Install them before proceeding with the restore.{OR_PASS}")
+        if any("username-mismatch" in t.problems for t in plan) and not args.skip_broken:
+            raise SimError("*** Username mismatch between backup and dom0: use --ignore-username-mismatch")
         if not args.passphrase_file and not _confirm("Do you want to proceed?"):
             raise SimError("Restore canceled")
         r.restore_data(plan)
-        log("-> Done.")
+        log("-> Done.", BACKUP_LOG)
         if not opts.verify_only:
-            log("-> Please install updates for all the restored templates.")
+            log("-> Please install updates for all the restored templates.", BACKUP_LOG)
         return 0
     finally:
         r.cleanup()
@@ -337,6 +338,8 @@ TOOLS = {
     "qvm-start": qvm_start,
     "qvm-shutdown": lambda a: qvm_start([x for x in a if not x.startswith("-")], running=False),
     "qvm-check": qvm_check,
+    "qvm-volume": storage.qvm_volume,
+    "qvm-pool": storage.qvm_pool,
 }
 
 

@@ -13,11 +13,14 @@ qubes.xml is the source of truth for qubes and their properties, as on a real do
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,8 @@ DOM0_TOOLS = (
     "qvm-start",
     "qvm-shutdown",
     "qvm-check",
+    "qvm-volume",
+    "qvm-pool",
 )
 # systemd's default PATH, which qubesd inherits (its unit sets none): /usr/local before /usr.
 SYSTEMD_DEFAULT_PATH = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin")
@@ -61,6 +66,7 @@ class Qube:
     netvm: str | None = None
     include_in_backups: bool = True
     provides_network: bool = False
+    backup_timestamp: int | None = None  # set by qubesd after each successful backup
     features: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
 
@@ -95,16 +101,41 @@ class World:
         return self.dom0 / "var/lib/qubes/qubes.xml"
 
     def save_state(self) -> None:
-        (self.root / "world.json").write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp = self.root / f".world.json.{os.getpid()}"
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        os.replace(tmp, self.root / "world.json")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[dict]:
+        """The state, reloaded and saved under a lock: several emulated processes change it."""
+        with open(self.root / ".sim/state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.state = json.loads((self.root / "world.json").read_text())
+            yield self.state
+            self.save_state()
 
     def is_running(self, name: str) -> bool:
         return name == "dom0" or name in self.state.setdefault("running", [])
 
     def set_running(self, name: str, running: bool) -> None:
-        run = set(self.state.setdefault("running", []))
-        (run.add if running else run.discard)(name)
-        self.state["running"] = sorted(run)
-        self.save_state()
+        """Start or stop a qube; a qube that ran commits its volumes when it stops (storage.py)."""
+        with self.transaction() as state:
+            run = set(state.setdefault("running", []))
+            was = name == "dom0" or name in run
+            (run.add if running else run.discard)(name)
+            state["running"] = sorted(run)
+        if was and not running:
+            from .storage import on_stop
+
+            on_stop(self, name)
+
+    @classmethod
+    def current(cls) -> World:
+        """The world an emulated dom0 tool runs in (QUBES_SIM_DIR, set by `qubes-sim run`)."""
+        root = os.environ.get("QUBES_SIM_DIR")
+        if not root:
+            raise SimError("QUBES_SIM_DIR is not set: run this through `qubes-sim run DIR -- …`", 2)
+        return cls(Path(root))
 
     def qube_root(self, name: str) -> Path:
         return self.root / "qubes" / name
@@ -192,6 +223,8 @@ def render_qubes_xml(qubes: dict[str, Qube]) -> bytes:
             values["netvm"] = q.netvm
         if q.provides_network:
             values["provides_network"] = "True"
+        if q.backup_timestamp is not None:
+            values["backup_timestamp"] = str(q.backup_timestamp)
         for key, value in values.items():
             ET.SubElement(p, "property", name=key).text = value
         ET.SubElement(p, "property", name="label", ref=f"label-{LABELS.index(q.label) + 1}")
@@ -222,6 +255,7 @@ def parse_qubes_xml(data: bytes) -> dict[str, Qube]:
             netvm=text.get("netvm"),
             include_in_backups=_bool(text.get("include_in_backups", "True")),
             provides_network=_bool(text.get("provides_network")),
+            backup_timestamp=int(text["backup_timestamp"]) if text.get("backup_timestamp") else None,
             features={el.get("name"): el.text or "" for el in dom.iterfind("features/feature")},
             tags=[el.get("name") for el in dom.iterfind("tags/tag")],
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -9,20 +10,11 @@ from pathlib import Path
 
 from qtb_pipe.cli import EPILOG, build_parser
 
-COMMANDS = [
-    "init",
-    "config",
-    "install-shim",
-    "uninstall-shim",
-    "shim-status",
-    "backup",
-    "list",
-    "restore",
-    "verify",
-    "prune",
-    "check",
-    "demo",
-]
+
+def commands() -> list[str]:
+    """Every subcommand, in the order the parser defines them (the parser is the one list)."""
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
 
 
 def help_text(args: list[str]) -> str:
@@ -33,7 +25,10 @@ def help_text(args: list[str]) -> str:
     return out.getvalue().replace(EPILOG, "").rstrip()
 
 
-def main() -> None:
+DOC = Path(__file__).resolve().parent.parent / "docs/commands.md"
+
+
+def render() -> str:
     parts = [
         "# Commands",
         "",
@@ -47,9 +42,13 @@ def main() -> None:
         "```",
         "",
     ]
-    for cmd in COMMANDS:
+    for cmd in commands():
         parts += [f"## qtb-pipe {cmd}", "", "```", help_text([cmd]), "```", ""]
-    Path(__file__).resolve().parent.parent.joinpath("docs/commands.md").write_text("\n".join(parts))
+    return "\n".join(parts)
+
+
+def main() -> None:
+    DOC.write_text(render())
 
 
 if __name__ == "__main__":

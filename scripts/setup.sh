@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up for a fresh Debian 12 machine (and a quick no-op when already done).
 # Installs: GNU tar, the real scrypt, borg (>= 1.2.4, < 2), restic (>= 0.17, from Debian 13's
-# package because Debian 12 ships 0.14), rclone + openssh (loopback remote-repository tests),
+# package because Debian 12 ships 0.14), rclone + openssh (loopback remote-repository tests), rpm
+# (rpmbuild, for the dom0 package of `make dist`),
 # and a virtualenv in .venv with the project and its Python dependencies.
 set -euo pipefail
 
@@ -34,7 +35,7 @@ apt_install() {
 
 # --- system packages -------------------------------------------------------------------------
 missing=()
-for pkg in tar scrypt borgbackup rclone openssh-server openssh-client python3-venv; do
+for pkg in tar scrypt borgbackup rclone openssh-server openssh-client python3-venv rpm; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 # python3-venv is only needed when the python3 in use lacks a working venv/ensurepip.

@@ -5,9 +5,15 @@ on the qube's PATH). ~/attack.json says what to do:
   {"flip": "MEMBER"}                     flip one byte in MEMBER's data
   {"drop": "MEMBER"}                     leave MEMBER out of the stream
   {"drop_last_of": "FILE"}               leave out the last chunk of FILE (e.g. vm1/root.img)
+  {"inflate": "MEMBER", "to": BYTES}     serve MEMBER padded with zeros to BYTES (a dom0 disk filler)
   {"swap": "MEMBER", "from": SNAPSHOT}   serve MEMBER as stored in another snapshot
   {"serve": SNAPSHOT}                    serve another snapshot's stream for any dump
   {"serve": SNAPSHOT, "manifest": true}  ... and its manifest too
+  {"answer": {"COMMAND": JSON}}          answer COMMAND (commit, check, prune…) with JSON, exit 0,
+                                         doing nothing (stdin is read and dropped)
+  {"stall": "COMMAND", "seconds": N}     COMMAND hangs N seconds without reading stdin, then exits 1
+  {"lose_answer": "COMMAND"}             COMMAND runs for real, then its answer is lost (exit 1, no
+                                         output): a backup qube that dies once the work is done
 Everything else is passed to the real adapter unchanged.
 """
 
@@ -19,6 +25,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 REAL = Path(os.environ["HOME"]).parent.parent / "usr/bin/qtb-adapter"
@@ -48,6 +55,16 @@ def main(argv: list[str]) -> int:
     attack = json.loads((Path(os.environ["HOME"]) / "attack.json").read_text())
     command = argv[0] if argv else ""
     rest = argv[1:]
+    if command == attack.get("stall"):
+        time.sleep(attack["seconds"])
+        return 1
+    if command == attack.get("lose_answer"):
+        subprocess.run([str(REAL), *argv], capture_output=True)
+        return 1
+    if command in attack.get("answer", {}):
+        sys.stdin.buffer.read()
+        print(json.dumps(attack["answer"][command]))
+        return 0
     if command == "manifest" and attack.get("manifest") and "serve" in attack:
         sys.stdout.buffer.write(real("manifest", attack["serve"], *rest[1:]))
         return 0
@@ -61,6 +78,8 @@ def main(argv: list[str]) -> int:
                 changed = bytearray(data)
                 changed[len(changed) // 2] ^= 0x01
                 items[items.index((info, data))] = (info, bytes(changed))
+    if "inflate" in attack:
+        items = [(i, d.ljust(attack["to"], b"\0") if i.name == attack["inflate"] else d) for i, d in items]
     if "drop" in attack:
         items = [(i, d) for i, d in items if i.name != attack["drop"]]
     if "drop_last_of" in attack:

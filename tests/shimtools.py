@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtb_pipe import shim_install
+from qtb_pipe import runs, shim_install
 from scrypt_shim import shim
 
 PROMPT_ENTER = b"Please enter passphrase: "
@@ -244,7 +244,7 @@ class ShimWorld:
 
     @property
     def user_passphrase(self) -> str:
-        return shim.make_user_passphrase(self.token, self.secret)
+        return runs.make_user_passphrase(self.token, self.secret)
 
     @property
     def run_dir(self) -> Path:
@@ -254,37 +254,30 @@ class ShimWorld:
         return qubes_file_passphrase(backup_id, path, self.user_passphrase)
 
     def records(self) -> list[dict[str, object]]:
-        return shim.read_records(str(self.run_dir))
+        path = self.run_dir / "records.jsonl"
+        return [json.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+    def accepted(self) -> int:
+        path = self.run_dir / "accepted"
+        return path.stat().st_size if path.exists() else 0
 
     def new_run(self) -> None:
         """Start another run (fresh token and run directory), as the driver does per backup/restore."""
         self.token = secrets.token_hex(16)
         self.run_dir.mkdir(mode=0o700, parents=True)
 
-    def write_manifest(
-        self, backup_id: str, chunks: list[dict[str, object]], secret: bytes | None = None
-    ) -> None:
-        body = {
-            "format": shim.MANIFEST_FORMAT,
-            "backup_id": backup_id,
-            "created": "2026-11-24T00:39:08Z",
-            "engine": "restic",
-            "qubes": ["work"],
-            "chunks": chunks,
-        }
-        (self.run_dir / "manifest.json").write_bytes(shim.seal_manifest(secret or self.secret, body))
-
-    def write_selection(self, prefixes: list[str]) -> None:
-        """What the driver leaves next to manifest.json: the stream prefixes this pass must restore."""
-        (self.run_dir / "selection.json").write_text(json.dumps({"prefixes": prefixes}))
+    def write_plan(self, backup_id: str, chunks: list[dict[str, object]]) -> None:
+        """A restore pass's plan, written with the driver's own writer (qtb_pipe.runs.plan_line)."""
+        lines = [runs.plan_line("qtb-plan", backup_id)]
+        lines += [runs.plan_line(c["path"], c["size"], c["tag"]) for c in chunks]
+        (self.run_dir / "plan").write_bytes(b"".join(lines))
 
     def start_restore(self, backup_id: str) -> list[dict[str, object]]:
-        """What the driver does after a backup and before a restore: build the manifest from this run's
-        ok enc records, start a new run and leave the sealed manifest there. Returns the enc records."""
+        """What the driver does after a backup and before a restore: a new run whose plan is this
+        run's ok enc records, in order. Returns the enc records."""
         records = [r for r in self.records() if r["op"] == "enc" and r["status"] == "ok"]
         self.new_run()
-        chunks = [{"path": r["path"], "size": r["size"], "tag": r["tag"]} for r in records]
-        self.write_manifest(backup_id, chunks)
+        self.write_plan(backup_id, records)
         return records
 
     def enc(self, backup_id: str | None, path: str, data: bytes, out: Path | None = None) -> Path:
@@ -302,18 +295,26 @@ class ShimWorld:
         return run_like_qubes([self.shim, "dec", "-f", encrypted, out], self.passphrase(backup_id, path))
 
 
+def seal_chunk(secret: bytes, path: str, data: bytes) -> bytes:
+    """Test oracle: what a qtb-pipe `enc` must write for `data` at `path` (docs/design.md), built
+    from the format's parts, not by the shim's own enc."""
+    keys = shim.derive_keys(secret)
+    return data + shim.make_trailer(keys, len(data), shim.compute_tag(keys.chunk_key, path, data))
+
+
 def make_world(base: Path, real_scrypt: Path = REAL_SCRYPT) -> ShimWorld:
     """A dom0 root whose usr/bin/scrypt is a symlink to the machine's real scrypt, shim installed."""
     root = base / "dom0"
-    (root / "usr/bin").mkdir(parents=True)
+    for folder in ("usr/bin", "usr/local/bin"):
+        (root / folder).mkdir(parents=True)
     (root / "usr/bin/scrypt").symlink_to(real_scrypt)
     installed = shim_install.install_shim(root)
     work = base / "work"
     work.mkdir()
     world = ShimWorld(
         root=root,
-        shim=installed.shim_path,
-        state_dir=installed.state_dir,
+        shim=Path(installed["shim"]),
+        state_dir=root.resolve() / "var/lib/qtb-pipe",
         secret=secrets.token_bytes(32),
         token="",
         work=work,

@@ -80,12 +80,16 @@ class V4Backup:
         chunk_entries = [{"path": "backup-header", "size": len(self.header_text()), "tag": "00" * 32}]
         for path, data in self.chunks:
             chunk_entries.append({"path": path, "size": len(data), "tag": hashlib.sha256(data).hexdigest()})
+        qubes = {
+            name: {"path": f"vm{number}/", "class": "AppVM", "template": None, "netvm": None}
+            for number, name in enumerate(self.qubes, start=1)
+        }
         body = {
-            "format": "qtb-pipe-manifest-1",
+            "format": "qtb-pipe-manifest-2",
             "backup_id": self.backup_id,
             "created": "2026-11-24T00:00:00Z",
             "engine": engine,
-            "qubes": self.qubes,
+            "qubes": qubes,
             "chunks": chunk_entries,
         }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -38,7 +39,13 @@ from streamtools import (
 
 __all__ = ["rclone_rest_server", "spawned", "sshd_server"]  # fixtures, found by pytest here
 
-TARGETS = ["restic", "restic-stdin", "restic-old", "restic-rest", "borg", "borg-create", "borg-ssh"]
+# The default store methods in the fast tier; the other methods and the remote repositories in the slow one.
+TARGETS = [
+    "restic",
+    "borg",
+    *(pytest.param(t, marks=pytest.mark.slow) for t in ("restic-stdin", "restic-old", "restic-rest")),
+    *(pytest.param(t, marks=pytest.mark.slow) for t in ("borg-create", "borg-ssh")),
+]
 # restic-old: an older restic binary (e.g. Debian 12's 0.14) named by this variable; skipped without.
 OLD_RESTIC_VARIABLE = "QTB_TEST_OLD_RESTIC"
 
@@ -118,7 +125,7 @@ def store_and_commit(home: AdapterHome, backup: V4Backup, stream: Stream) -> str
 def one_error_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("qtb-adapter: error: ")
+    assert re.match(r"qtb-adapter: error \(exit [0-9]+\): ", lines[0])
     return lines[0]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -29,7 +30,7 @@ EXIT_SPACE = 9
 def one_error_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("qtb-adapter: error: ")
+    assert re.match(r"qtb-adapter: error \(exit [0-9]+\): ", lines[0])
     return lines[0]
 
 
@@ -289,3 +290,44 @@ def test_one_qube_serves_both_engines_chosen_by_engine_option(tmp_path: Path, v4
     result = other.run("list", "--engine", "restic")
     assert result.returncode == EXIT_NO_REPO
     assert "init --engine restic" in one_error_line(result.stderr)
+
+
+def test_borg_warns_when_free_space_is_below_what_its_commits_need(
+    tmp_path: Path, small_filesystem: Path
+) -> None:
+    home = AdapterHome(tmp_path / "qube")
+    init = home.init("borg", str(small_filesystem / "repo")).json()
+    (warning,) = init["warnings"]  # borg 1.2 wants ~545 MB free to commit once it has compacting to do
+    assert re.search(r"has [0-9]+ MB free; .* less than 54[5-9] MB is free", warning), warning
+    checked = home.run("check")
+    assert checked.returncode == 0 and checked.stderr == f"qtb-adapter: warning: {warning}\n"
+    assert home.ok("check", "--json").json()["warnings"] == [warning]
+    roomy = AdapterHome(tmp_path / "roomy")
+    assert roomy.init("borg", str(tmp_path / "repo")).json()["warnings"] == []  # the test disk has room
+    restic = AdapterHome(tmp_path / "restic")
+    assert restic.init("restic", str(small_filesystem / "restic-repo")).json()["warnings"] == []
+
+
+@pytest.mark.parametrize("engine", ["restic", "borg"])
+def test_first_init_as_the_readme_says_and_a_failed_init_leaves_nothing(engine: str, tmp_path: Path) -> None:
+    home = AdapterHome(tmp_path / "qube")
+    missing = home.home / ".config/qtb-pipe/restic.password"
+    args = ("init", "--engine", engine, "--repo", str(tmp_path / "repo"))
+    result = home.run(*args, "--password-file", str(missing))
+    assert result.returncode == EXIT_NO_REPO and "--generate-password" in one_error_line(result.stderr)
+    assert not home.config_path.exists()  # nothing half-written
+    # a repository that cannot be created: the config stays absent, the generated password goes too
+    (tmp_path / "file").write_text("not a directory")
+    result = home.run(
+        "init", "--engine", engine, "--repo", str(tmp_path / "file/repo"), "--generate-password"
+    )
+    assert result.returncode != 0, result.stderr
+    one_error_line(result.stderr)
+    assert not home.config_path.exists() and not list(home.config_path.parent.glob("*.password"))
+    # the README's command on a fresh qube
+    done = home.ok(*args, "--generate-password", "--json").json()
+    assert (
+        done["created"] is True
+        and (home.config_path.parent / f"{engine}.password").stat().st_mode & 0o077 == 0
+    )
+    assert home.snapshots() == []

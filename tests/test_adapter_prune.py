@@ -59,6 +59,17 @@ def test_prune_ignores_pending_and_drop_pending_removes_them(engine: str, tmp_pa
     assert home.run("prune").returncode == 2  # no policy: refuse rather than delete everything
     dry = home.ok("prune", "--keep-last", "1", "--dry-run", "--json").json()
     assert dry["keep"] == [complete[-1]] and sorted(dry["remove"]) == sorted(complete[:-1])
+    # the policy from the config: [retention], as dom0 names it; [prune], its old name, still read
+    text = home.config_path.read_text()
+    home.config_path.write_text(text + "\n[retention]\nkeep_last = 1\n")
+    assert home.ok("prune", "--dry-run", "--json").json()["keep"] == [complete[-1]]
+    home.config_path.write_text(text + "\n[prune]\nkeep_last = 1\n")
+    old_name = home.run("prune", "--dry-run", "--json")
+    assert old_name.returncode == 0 and old_name.json()["keep"] == [complete[-1]]
+    assert "[prune] is now called [retention]" in old_name.stderr
+    home.config_path.write_text(text + "\n[prune]\nkeep_last = 1\n[retention]\nkeep_last = 2\n")
+    assert home.run("prune", "--dry-run").returncode == 3
+    home.config_path.write_text(text)
     assert len(home.snapshots()) == 3
     # A snapshot the last listing saw complete is dumped without listing the repository again.
     traced = home.run("dump", complete[0], env={"QTB_ADAPTER_DEBUG": "1"})
@@ -83,6 +94,7 @@ def test_prune_ignores_pending_and_drop_pending_removes_them(engine: str, tmp_pa
         "ok": True,
         "read_data": subset,
         "output": "",
+        "warnings": [],
     }
     assert home.ok("dump", complete[-1]).stdout[:512] != bytes(512)
 

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_smoke_produces_complete_results(tmp_path: Path):
     out = tmp_path / "results"
     subprocess.run(
@@ -16,7 +19,7 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
         check=True,
         cwd=Path(__file__).parent.parent,
         capture_output=True,
-        timeout=600,
+        timeout=1200,
     )
     data = json.loads((out / "results.json").read_text())
     configs = {s["config"] for s in data["steps"]}

@@ -1,107 +1,118 @@
-"""`qtb-pipe` end to end on qubes-sim with the real shim, real restic and real borg."""
+"""`qtb-pipe` end to end on qubes-sim with the real shim, real restic and real borg.
+
+Most cases start from `backed_up` (conftest): a private copy of a world that was set up and backed
+up once per engine (one snapshot per qube), so no test repeats the full backup.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest_remote import rclone_rest_server, sshd_server
+from drivertools import ALL, adapter_init, install_attacker, mutate, qtb, qtb_json, remove_attacker, setup_qtb
 from simtools import Sim, make_world
 
 __all__ = ["rclone_rest_server", "sshd_server"]  # fixtures, found by pytest here
-TESTS = Path(__file__).parent
-ALL = ("debian-12", "work", "personal", "vault", "dom0")
-# the driver's own calls to the real scrypt never happen in qtb mode; keep stock defaults otherwise
-QTB_ENV = {"QUBES_SIM_TEST_SCRYPT_MAXTIME": None}
 
 
-def qtb(world: Sim, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = world.run("qtb-pipe", *args, env={**QTB_ENV, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"qtb-pipe {args} failed ({proc.returncode}): {proc.stderr.decode()}")
-    return proc
+def snapshots(world: Sim) -> list[dict]:
+    return [s for s in qtb_json(world, "list")["snapshots"] if s["state"] == "complete"]
 
 
-def qtb_json(world: Sim, *args: str) -> object:
-    return json.loads(qtb(world, *args, "--json").stdout)
-
-
-def setup_qtb(world: Sim, engine: str, repo: Path, recovery_key: str | None = None) -> str:
-    """Configure dom0 (secret, shim) and the backup qube (repository); returns the recovery key."""
-    args = ["init", "--backup-qube", "backup", "--engine", engine]
-    if recovery_key:
-        args += ["--recovery-key", recovery_key]
-    result = qtb_json(world, *args)
-    qtb(world, "install-shim")
-    pw = world.qube_home("backup") / f"{engine}.password"
-    pw.write_text("engine password that never leaves the backup qube\n")
-    world.run(
-        "qtb-adapter",
+def test_whole_system_restores_from_each_qubes_newest_copy_onto_a_fresh_system(
+    backed_up, engine, fresh_world
+):
+    """From the recovery sheet alone (12.2): what it says sets up the backup qube and dom0."""
+    world = backed_up.world
+    mutate(world, "work")
+    newest = qtb_json(world, "backup")["snapshots"][-1]  # dom0's home and work again, work last
+    kit = qtb_json(world, "recovery-kit")
+    assert kit["repository"] == str(backed_up.repo) and (kit["key_export"] is not None) == (engine == "borg")
+    assert kit["recovery_key"] in kit["sheet"] and kit["password"] in kit["sheet"]
+    adapter_init(fresh_world, kit["engine"], kit["repository"], password=kit["password"])
+    key = kit["recovery_key"]
+    mistyped = key[:3] + ("1" if key[3] != "1" else "2") + key[4:]
+    proc = qtb(
+        fresh_world, "init", "--backup-qube", kit["backup_qube"], "--recovery-key", mistyped, check=False
+    )
+    assert proc.returncode == 2 and b"mistyped" in proc.stderr
+    other = qtb_json(make_world(fresh_world.root.parent / "other", "--bare"), "init")["recovery_key"]
+    proc = qtb(
+        fresh_world,
         "init",
+        "--backup-qube",
+        "backup",
         "--engine",
         engine,
-        "--repo",
-        str(repo),
-        "--password-file",
-        str(pw),
-        inside="backup",
-        check=True,
+        "--recovery-key",
+        other,
+        check=False,
     )
-    return recovery_key or result["recovery_key"]
-
-
-@pytest.fixture(params=["restic", "borg"])
-def engine(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def qtb_world(world: Sim, engine: str) -> tuple[Sim, str, Path]:
-    repo = world.qube_home("backup") / f"repo-{engine}"
-    key = setup_qtb(world, engine, repo)
-    return world, key, repo
-
-
-def install_attacker(world: Sim, attack: dict) -> None:
-    (world.qube_home("backup") / "attack.json").write_text(json.dumps(attack))
-    wrapper = world.root / "qubes/backup/usr/local/bin/qtb-adapter"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {TESTS / "attacker.py"} "$@"\n')
-    wrapper.chmod(0o755)
-
-
-def test_backup_restore_whole_world_into_fresh_system(qtb_world, engine: str, fresh_world: Sim):
-    world, key, repo = qtb_world
-    summary = qtb_json(world, "backup")
-    assert summary["engine"] == engine and set(summary["qubes"]) == set(ALL)
-    assert summary["stream_bytes"] > 0
-    setup_qtb(fresh_world, engine, repo, recovery_key=key)
-    proc = qtb(fresh_world, "restore", summary["snapshot"], check=False)
-    assert proc.returncode == 5 and b"--new-system" in proc.stderr  # no dom0 record: explicit consent
-    proc = qtb(fresh_world, "restore", summary["snapshot"], "--new-system")
-    assert b"no record of snapshot" in proc.stderr
+    assert proc.returncode == 5 and b"does not open snapshot" in proc.stderr
+    assert not (fresh_world.dom0 / "etc/qtb-pipe/secret").exists()  # refused: nothing written
+    done = qtb_json(fresh_world, "init", "--backup-qube", "backup", "--engine", engine, "--recovery-key", key)
+    assert done["key_checked_against"] == newest
+    qtb(fresh_world, "install-shim")
+    proc = qtb(fresh_world, "restore", "--all", check=False)
+    assert proc.returncode == 4 and b"--new-system" in proc.stderr  # no dom0 record: explicit consent
+    # sys-net (work's net qube) was not backed up and is not on the fresh system: as qvm-backup-restore
+    # would, qtb-pipe refuses, before any data is read, unless told what to do
+    proc = qtb(fresh_world, "restore", "--all", "--new-system", check=False)
+    assert proc.returncode == 2 and b"needs net qube sys-net" in proc.stderr
+    result = qtb_json(fresh_world, "restore", "--all", "--new-system", "--ignore-missing", "--single-pass")
+    assert set(result["qubes"]) == set(ALL) and all(q["ok"] for q in result["qubes"].values())
+    assert result["qubes"]["work"]["snapshot"] != backed_up.snapshots["work"]  # the newest copy
     assert fresh_world.digest(*ALL, restored_home=True) == world.digest(*ALL)
 
 
-def test_incremental_backup_list_verify_and_single_qube_restore(qtb_world, engine: str):
-    world, _, _ = qtb_world
-    first = qtb_json(world, "backup")
-    subprocess.run(["qubes-sim", "mutate", str(world.root), "work"], check=True, capture_output=True)
-    second = qtb_json(world, "backup", "work", "vault")
-    assert second["qubes"] == ["work", "vault"]
-    rows = qtb_json(world, "list")
-    assert {r["id"] for r in rows} >= {first["snapshot"], second["snapshot"]}
-    assert all(r["dom0_record"] and r["state"] == "complete" for r in rows)
-    verify = qtb_json(world, "verify", second["snapshot"])
-    assert verify["qubes"]["work"]["verified"] == verify["qubes"]["work"]["chunks"] > 0
-    # one qube back, next to the current one
+def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
+    world = backed_up.world
+    again = qtb_json(world, "backup")
+    assert {q for q, r in again["qubes"].items() if r["status"] == "backed up"} == {"dom0"}  # home: always
+    assert again["qubes"]["work"]["why"].startswith(f"unchanged since {backed_up.snapshots['work'][:12]}")
+    mutate(world, "work")
+    plan = qtb_json(world, "backup", "--dry-run", "-x", "dom0")
+    assert {q: r["status"] for q, r in plan["qubes"].items()} == {
+        "debian-12": "unchanged", "work": "to back up", "personal": "unchanged", "vault": "unchanged",
+    }  # fmt: skip
+    assert len(snapshots(world)) == len(backed_up.snapshots) + 1  # a dry run changes nothing
+    night = qtb_json(world, "backup", "-x", "dom0")
+    assert [q for q, r in night["qubes"].items() if r["status"] == "backed up"] == ["work"]
+    full = qtb_json(world, "backup", "--full", "vault")
+    assert full["qubes"]["vault"]["status"] == "backed up" and full["qubes"]["vault"]["why"] == "--full"
+    listed = qtb_json(world, "list", "--qube", "work")["qubes"]
+    assert listed["work"]["copies"] == 2 and listed["work"]["latest"] == night["qubes"]["work"]["snapshot"]
+    assert [h["snapshot"] for h in listed["work"]["history"]][1] == backed_up.snapshots["work"]
+    assert listed["vault"]["copies"] == 2 and "history" not in listed["vault"]
+
+
+def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up, engine):
+    world = backed_up.world
+    verify = qtb_json(world, "verify")
+    assert set(verify["qubes"]) == set(ALL)
+    assert all(q["ok"] and q["verified"] == q["chunks"] > 0 for q in verify["qubes"].values())
+    assert verify["engine_check"]["ok"] is True
     expected = world.digest("work")["qubes"]["work"]["files"]
-    qtb(world, "restore", second["snapshot"], "work", "--rename-conflicting")
-    assert world.digest("work1")["qubes"]["work1"]["files"] == expected
-    qtb(world, "restore", second["snapshot"], "work", "--skip-conflicting")
-    assert "work2" not in world.digest()["qubes"]
+    qtb(world, "restore", "--qube", "work", "--rename-conflicting", "--single-pass")
+    assert world.digest("work-1")["qubes"]["work-1"]["files"] == expected  # as qvm-backup-restore names it
+    proc = qtb(world, "restore", "--qube", "work", check=False)
+    assert proc.returncode == 2 and b"--rename-conflicting" in proc.stderr  # said before any data is read
+    proc = qtb(world, "restore", backed_up.snapshots["work"], "work", "--skip-conflicting", check=False)
+    assert proc.returncode == 1 and b"nothing to restore" in proc.stderr  # not a silent exit 0
+    assert "work-2" not in world.digest()["qubes"]
+
+
+def test_a_qube_whose_copy_fails_is_reported_and_the_others_still_verify(backed_up, engine):
+    world = backed_up.world
+    install_attacker(world, {"flip": "vm3/private.img.000.enc"})  # work's volume
+    proc = qtb(world, "verify", "--json", check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 5, proc.stderr.decode()
+    assert result["qubes"]["work"]["ok"] is False and "refused" in result["qubes"]["work"]["error"]
+    assert all(result["qubes"][q]["ok"] for q in ALL if q != "work")
 
 
 @pytest.mark.parametrize(
@@ -109,57 +120,70 @@ def test_incremental_backup_list_verify_and_single_qube_restore(qtb_world, engin
     [
         {"flip": "vm1/root.img.000.enc"},  # a template's root image
         {"flip": "qubes.xml.000.enc"},
-        {"flip": "dom0-home/user.000.enc"},
-        {"drop": "vm3/private.img.001.enc"},  # a chunk in the middle
+        {"drop": "vm1/root.img.001.enc"},  # a chunk in the middle
         {"drop_last_of": "vm1/root.img"},  # the last chunk of a file
     ],
-    ids=["template-root", "qubes-xml", "dom0-home", "drop-middle", "drop-last"],
+    ids=["template-root", "qubes-xml", "drop-middle", "drop-last"],
 )
-def test_attacking_backup_qube_is_refused(world: Sim, fresh_world: Sim, attack: dict):
-    repo = world.qube_home("backup") / "repo"
-    key = setup_qtb(world, "restic", repo)
-    snap = qtb_json(world, "backup")["snapshot"]
+@pytest.mark.parametrize("engine", ["restic"])
+def test_attacking_backup_qube_is_refused(backed_up, fresh_world: Sim, attack: dict):
     before = fresh_world.digest()
-    setup_qtb(fresh_world, "restic", repo, recovery_key=key)
+    setup_qtb(fresh_world, "restic", backed_up.repo, recovery_key=backed_up.recovery_key)
     install_attacker(fresh_world, attack)
-    proc = qtb(fresh_world, "restore", snap, "--new-system", check=False)
+    template = backed_up.snapshots["debian-12"]
+    proc = qtb(fresh_world, "restore", template, "--new-system", check=False)
     assert proc.returncode == 5, proc.stderr.decode()
     assert b"refused" in proc.stderr or b"did not serve" in proc.stderr
     assert fresh_world.digest() == before  # nothing restored: not even a qube created
-    proc = qtb(fresh_world, "verify", snap, "--new-system", check=False)
-    assert proc.returncode == 5
+    assert qtb(fresh_world, "verify", template, "--new-system", check=False).returncode == 5
 
 
-def test_replayed_chunk_and_replayed_snapshot_are_refused(world: Sim):
-    repo = world.qube_home("backup") / "repo"
-    setup_qtb(world, "restic", repo)
-    old = qtb_json(world, "backup", "work")["snapshot"]
-    subprocess.run(["qubes-sim", "mutate", str(world.root), "work"], check=True, capture_output=True)
-    new = qtb_json(world, "backup", "work")["snapshot"]
+@pytest.mark.parametrize("engine", ["restic"])
+def test_dom0_home_served_altered_is_refused(backed_up, engine):
+    world = backed_up.world
+    install_attacker(world, {"flip": "dom0-home/user.000.enc"})
+    assert qtb(world, "verify", backed_up.snapshots["dom0"], check=False).returncode == 5
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_replayed_chunk_and_replayed_snapshot_are_refused(backed_up, engine):
+    world = backed_up.world
+    old = backed_up.snapshots["work"]
+    mutate(world, "work")
+    new = qtb_json(world, "backup", "work")["qubes"]["work"]["snapshot"]
     for attack in (
         {"swap": "vm3/private.img.000.enc", "from": old},  # a chunk from an older backup
         {"serve": old},  # the older stream for the newer id
-        {"serve": old, "manifest": True},
-    ):  # ... with its own (genuine) manifest
+        {"serve": old, "manifest": True},  # ... with its own (genuine) manifest
+    ):
         install_attacker(world, attack)
         proc = qtb(world, "verify", new, check=False)
         assert proc.returncode == 5, (attack, proc.stderr.decode())
 
 
-def test_failed_chunk_in_shim_blocks_commit(world: Sim):
+@pytest.mark.parametrize("engine", ["restic"])
+def test_failed_chunk_in_shim_blocks_that_qubes_commit_only(backed_up, engine):
     """qubesd ignores a chunk's scrypt exit status; the driver must not commit such a backup."""
-    repo = world.qube_home("backup") / "repo"
-    setup_qtb(world, "restic", repo)
-    proc = qtb(world, "backup", check=False, env={"QUBES_SIM_TEST_KILL_SCRYPT_FOR": "vm4/private.img.000"})
+    world = backed_up.world
+    mutate(world, "personal", "vault", seed=5)
+    env = {"QUBES_SIM_TEST_KILL_SCRYPT_FOR": "vm4/private.img.000"}  # personal's volume
+    proc = qtb(world, "backup", "-x", "dom0", "--json", check=False, env=env)
+    result = json.loads(proc.stdout)
     assert proc.returncode == 1, proc.stderr.decode()
-    assert b"nothing was committed" in proc.stderr or b"does not match" in proc.stderr
-    assert not [r for r in qtb_json(world, "list") if r["state"] == "complete"]
-    assert qtb_json(world, "backup")["snapshot"]  # the next backup works
+    assert (
+        result["qubes"]["personal"]["status"] == "failed"
+        and result["qubes"]["vault"]["status"] == "backed up"
+    )
+    assert b"1 qube(s) not backed up: personal" in proc.stderr
+    latest = qtb_json(world, "list")["qubes"]
+    assert latest["personal"]["latest"] == backed_up.snapshots["personal"]  # nothing half-done recorded
+    assert qtb_json(world, "backup", "-x", "dom0")["qubes"]["personal"]["status"] == "backed up"
 
 
-def test_adapter_dying_midway_leaves_no_complete_snapshot(world: Sim):
-    repo = world.qube_home("backup") / "repo"
-    setup_qtb(world, "restic", repo)
+@pytest.mark.parametrize("engine", ["restic"])
+def test_adapter_dying_midway_leaves_no_complete_snapshot(backed_up, engine):
+    world = backed_up.world
+    mutate(world, "vault")
     wrapper = world.root / "qubes/backup/usr/local/bin/qtb-adapter"
     real = world.root / "qubes/backup/usr/bin/qtb-adapter"
     # the adapter (and so its engine run) is killed while the stream is flowing
@@ -169,42 +193,84 @@ def test_adapter_dying_midway_leaves_no_complete_snapshot(world: Sim):
         f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
-    proc = qtb(world, "backup", check=False)
+    before = {s["id"] for s in snapshots(world)}
+    proc = qtb(world, "backup", "vault", check=False)
     assert proc.returncode == 1 and b"qvm-backup failed" in proc.stderr
-    wrapper.unlink()
-    assert not [r for r in qtb_json(world, "list") if r["state"] == "complete"]
-    assert qtb_json(world, "backup")["snapshot"]
+    remove_attacker(world)
+    assert {s["id"] for s in snapshots(world)} == before
+    assert qtb_json(world, "backup", "vault")["qubes"]["vault"]["status"] == "backed up"
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_killed_night_resumes_with_the_qubes_it_did_not_finish(backed_up, engine):
+    world = backed_up.world
+    mutate(world, "debian-12", "work", "personal", "vault", seed=9)
+    night = subprocess.Popen(
+        ["qubes-sim", "run", str(world.root), "--", "qtb-pipe", "backup", "-x", "dom0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    for line in night.stderr:  # killed (laptop closed) while the third qube is being backed up
+        if b"(3/4)" in line:
+            night.kill()
+            break
+    night.wait()
+    night.stdout.close()
+    night.stderr.close()
+    latest = qtb_json(world, "list")["qubes"]
+    done = [
+        q for q in ("debian-12", "work", "personal", "vault") if latest[q]["latest"] != backed_up.snapshots[q]
+    ]
+    assert done == ["debian-12", "work"]  # what finished stays committed
+    resumed = qtb_json(world, "backup", "-x", "dom0")
+    assert [q for q, r in resumed["qubes"].items() if r["status"] == "backed up"] == ["personal", "vault"]
+    assert not list((world.dom0 / "var/lib/qtb-pipe/runs").iterdir())  # the dead run's directory is gone
 
 
 def test_bad_input_one_line_errors(tmp_path: Path, world: Sim):
     # missing config
     proc = qtb(world, "backup", check=False)
     assert proc.returncode == 3 and proc.stderr.count(b"\n") == 1 and b"qtb-pipe init" in proc.stderr
-    repo = world.qube_home("backup") / "repo"
-    setup_qtb(world, "restic", repo)
-    qtb_json(world, "backup", "vault")
+    setup_qtb(world, "restic", world.qube_home("backup") / "repo")
+    snap = qtb_json(world, "backup", "vault")["qubes"]["vault"]["snapshot"]
     cases = [
         (("restore", "doesnotexist"), 4),
         (("restore", "bad id!"), 2),
+        (("check", "--read-data-subset", "150%"), 2),  # said before the engine is asked
+        (("verify", "--read-data-subset", "0/5"), 2),
+        (("restore",), 2),
+        (("restore", "--all", snap), 2),
+        (("restore", "--qube", "nosuch"), 2),
+        (("restore", "--all", "--as-of", "2001-01-01"), 4),  # before the first backup
+        (("restore", "--all", "--as-of", "yesterday"), 2),
         (("backup", "no-such-qube"), 2),
+        (("list", "--qube", "nosuch"), 2),
+        (("prune", "--keep-last", "-1"), 2),
     ]
     for args, code in cases:
         proc = qtb(world, *args, check=False)
         assert proc.returncode == code, (args, proc.stderr)
-        assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
-        if code == 4:
+        assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr, (args, proc.stderr)
+        if code == 4 and args[1] == "doesnotexist":
             assert b"qtb-pipe list" in proc.stderr  # says what to do next
     # wrong secret: the manifest does not verify
     other = make_world(tmp_path / "other", "--bare")
-    setup_qtb(other, "restic", repo, recovery_key="ab" * 32)
-    snap = qtb_json(world, "list")[0]["id"]
+    setup_qtb(other, "restic", world.qube_home("backup") / "repo", recovery_key="ab" * 32)
     proc = qtb(other, "restore", snap, "--new-system", check=False)
     assert proc.returncode == 5 and b"manifest" in proc.stderr
+    # a damaged dom0 record stops the commands that use the catalog, and says which file
+    record = next((world.dom0 / "var/lib/qtb-pipe/snapshots").glob("*.json"))
+    good = record.read_bytes()
+    record.write_text("{not json")
+    for args in (("list",), ("verify",), ("backup", "vault")):
+        proc = qtb(world, *args, check=False)
+        assert proc.returncode == 3 and record.name.encode() in proc.stderr, (args, proc.stderr)
+    record.write_bytes(good)
     # backup qube not running, not to be started
     config = world.dom0 / "etc/qtb-pipe/config.toml"
     config.write_text(config.read_text().replace("start_backup_qube = true", "start_backup_qube = false"))
     world.run("qvm-shutdown", "backup", check=True)
-    proc = qtb(world, "backup", check=False)
+    proc = qtb(world, "backup", "--full", "vault", check=False)
     assert proc.returncode == 6 and b"not running" in proc.stderr
     world.run("qvm-start", "backup", check=True)
     # adapter missing in the backup qube
@@ -224,6 +290,7 @@ def test_shim_install_round_trip_in_world(world: Sim):
     assert qtb(world, "shim-status", check=False).returncode == 7
 
 
+@pytest.mark.slow
 def test_remote_repositories_round_trip(world: Sim, fresh_world: Sim, request, tmp_path):
     """Off-site: restic on a REST server and borg over ssh, both on loopback, restored byte for byte."""
     key = qtb_json(world, "init", "--backup-qube", "backup")["recovery_key"]
@@ -235,44 +302,77 @@ def test_remote_repositories_round_trip(world: Sim, fresh_world: Sim, request, t
     }
     for w in (world, fresh_world):
         qtb(w, "install-shim")
-        pw = w.qube_home("backup") / "remote.password"
-        pw.write_text("remote engine password\n")
     for round_no, (engine, (repo, settings)) in enumerate(remotes.items()):
         for w in (world, fresh_world):
-            pw = w.qube_home("backup") / "remote.password"
-            w.run(
-                "qtb-adapter",
-                "init",
-                "--engine",
-                engine,
-                "--repo",
-                repo,
-                "--password-file",
-                str(pw),
-                *settings,
-                inside="backup",
-                check=True,
-            )
-        snap = qtb_json(world, "backup", "--engine", engine, "debian-12", "work")["snapshot"]
-        qtb(fresh_world, "restore", snap, "--engine", engine, "--new-system", "--rename-conflicting")
+            adapter_init(w, engine, repo, *settings)
+        qtb_json(world, "backup", "--engine", engine, "--full", "debian-12", "work")
+        flags = ["--rename-conflicting"] if round_no else []  # second round: the names are taken
+        qtb(fresh_world, "restore", "--all", "--engine", engine, "--new-system", "--ignore-missing", *flags)
         got = fresh_world.digest()["qubes"]
         want = world.digest("debian-12", "work")["qubes"]
         for name in ("debian-12", "work"):
-            restored = f"{name}1" if round_no else name  # second round: the names are taken
+            restored = f"{name}-1" if round_no else name
             assert got[restored]["files"] == want[name]["files"], (engine, name)
 
 
-def test_prune_keeps_by_policy_and_check_passes(world: Sim):
-    repo = world.qube_home("backup") / "repo"
-    setup_qtb(world, "borg", repo)
-    snaps = [qtb_json(world, "backup", "vault")["snapshot"] for _ in range(3)]
-    dry = qtb_json(world, "prune", "--keep-last", "1", "--dry-run")
-    assert dry["dry_run"] and set(dry["removed"]) == set(snaps[:2])
-    assert {r["id"] for r in qtb_json(world, "list")} == set(snaps)  # a dry run changes nothing
+def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
+    """The case of issue 10: runs of different qubes, then a prune that must keep every qube's copy."""
+    world = backed_up.world  # the fixture's full backup holds the only copy of personal and debian-12
+    qtb_json(world, "backup", "--full", "work", "vault")
+    qtb_json(world, "backup", "--full", "-x", "personal", "-x", "debian-12", "-x", "dom0")
+    qtb_json(world, "backup", "--full", "vault")
+    dry = qtb_json(world, "prune", "--dry-run")  # the default retention of the config
+    assert set(dry["qubes"]) == set(ALL) and all(q["remaining"] for q in dry["qubes"].values())
     result = qtb_json(world, "prune", "--keep-last", "1")
-    assert set(result["removed"]) == set(snaps[:2]) and result["kept"] == [snaps[2]]
-    assert [r["id"] for r in qtb_json(world, "list")] == [snaps[2]]
-    records = sorted(p.name for p in (world.dom0 / "var/lib/qtb-pipe/snapshots").iterdir())
-    assert records == [f"borg-{snaps[2]}.json"]  # dom0 forgets what was pruned
+    assert all(len(q["remaining"]) == 1 for q in result["qubes"].values())
+    latest = qtb_json(world, "list")["qubes"]
+    assert set(latest) == set(ALL) and all(q["in_repository"] for q in latest.values())
+    records = {p.stem.split("-", 1)[1] for p in (world.dom0 / "var/lib/qtb-pipe/snapshots").glob("*.json")}
+    assert records == {q["latest"] for q in latest.values()}  # dom0 forgets what was pruned
+    # a qube deleted from dom0 is no longer protected: the rules alone decide, and prune says so
+    qubes_xml = world.dom0 / "var/lib/qubes/qubes.xml"
+    from qubes_sim.world import parse_qubes_xml, render_qubes_xml
+
+    remaining = {n: q for n, q in parse_qubes_xml(qubes_xml.read_bytes()).items() if n != "personal"}
+    qubes_xml.write_bytes(render_qubes_xml(remaining))
+    dry = qtb_json(world, "prune", "--keep-last", "1", "--dry-run")
+    assert dry["qubes"]["personal"]["exists_in_dom0"] is False
     assert qtb_json(world, "check")["ok"]
-    qtb(world, "verify")  # the latest, end to end
+
+
+def test_errors_under_json_are_one_json_object_on_stdout(world: Sim):
+    for args, code in ((("list", "--json"), 3), (("prune", "--keep-daily", "-1", "--json"), 2)):
+        proc = qtb(world, *args, check=False)
+        error = json.loads(proc.stdout)
+        assert proc.returncode == code == error["exit_code"], proc.stderr
+        assert error["error"] and error["hint"] and set(error) == {"error", "exit_code", "hint"}
+        assert proc.stderr.decode().count("\n") == 1  # and the one line on stderr, as without --json
+
+
+def test_config_check_fails_where_backup_would_refuse(world: Sim):
+    setup_qtb(world, "restic", world.qube_home("backup") / "repo")
+    assert qtb_json(world, "config", "check")["errors"] == []
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    config.write_text(config.read_text().replace("include = []", 'include = ["work", "nosuch"]'))
+    proc = qtb(world, "config", "check", "--json", check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 3 == result["exit_code"]
+    assert result["errors"] == ["nosuch is in the config but no such qube exists"]
+    assert result["included"] == ["work"]  # what backup would use
+    assert qtb(world, "backup", check=False).returncode == 2  # which backup indeed refuses
+
+
+def test_init_checks_the_backup_qube_and_a_second_init_keeps_the_secret(world: Sim):
+    proc = qtb(world, "init", "--backup-qube", "backpu", check=False)
+    assert proc.returncode == 6 and b"no qube named 'backpu'" in proc.stderr
+    assert not (world.dom0 / "etc/qtb-pipe").exists() or not any((world.dom0 / "etc/qtb-pipe").iterdir())
+    first = qtb_json(world, "init", "--backup-qube", "backup")
+    secret = (world.dom0 / "etc/qtb-pipe/secret").read_bytes()
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    config.write_text(config.read_text().replace("exclude = []", 'exclude = ["personal"]'))
+    again = qtb_json(world, "init", "--backup-qube", "backup", "--engine", "borg")  # no --force needed
+    assert again["secret_kept"] is True and again["recovery_key"] is None and first["recovery_key"]
+    assert (world.dom0 / "etc/qtb-pipe/secret").read_bytes() == secret
+    assert 'engine = "borg"' in config.read_text() and 'exclude = ["personal"]' in config.read_text()
+    proc = qtb(world, "init", "--backup-qube", "backup", "--recovery-key", first["recovery_key"], check=False)
+    assert proc.returncode == 3 and b"--force" in proc.stderr  # replacing the secret needs --force

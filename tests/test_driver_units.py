@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from qtb_pipe import qubes
 from qtb_pipe.actions.backup import check_run, qubes_xml_warning
 from qtb_pipe.actions.restore import resolve_snapshot_id
-from qtb_pipe.adapter import Member
-from qtb_pipe.config import SnapshotRecord, save_record
+from qtb_pipe.adapter import Adapter, Member
+from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery_key
 from qtb_pipe.errors import QtbError
+from qtb_pipe.proc import Result
+from qtb_pipe.records import SnapshotRecord, save_record
 from qtb_pipe.runs import ShimRecord
 
 BID = "20261124T010203-42"
@@ -57,3 +62,44 @@ def test_unique_prefix_of_a_recorded_snapshot_stands_for_its_id(tmp_path, monkey
     assert resolve_snapshot_id("restic", "abcdef77") == "abcdef77"  # another engine's snapshot
     assert resolve_snapshot_id("borg", "abcdef77") == "abcdef7777"
     assert resolve_snapshot_id("borg", "abcdef7") == "abcdef7"  # under 8 characters: never expanded
+
+
+def test_a_recovery_key_carries_a_check_group_that_catches_a_mistyped_digit():
+    secret = generate_secret()
+    key = format_recovery_key(secret)
+    assert len(key.split("-")) == 9 and parse_recovery_key(key.upper().replace("-", " ")) == secret
+    assert parse_recovery_key(secret) == secret  # a key of 0.1 (no check group) is taken as it is
+    for wrong in (key[:-1] + ("0" if key[-1] != "0" else "1"), ("1" if key[0] != "1" else "2") + key[1:]):
+        with pytest.raises(QtbError, match="mistyped") as e:
+            parse_recovery_key(wrong)
+        assert e.value.code == 2
+    for bad in (key[:-2], key + "00", "g" * 72):
+        with pytest.raises(QtbError, match="9 groups"):
+            parse_recovery_key(bad)
+
+
+GOOD_INFO = {"engine": "borg", "version": "1.2.4", "repository": "/r", "password": "pw", "key_export": "K\n1"}
+
+
+def answering(monkeypatch, answer: object) -> None:
+    monkeypatch.setattr(qubes, "run_in_qube", lambda *a, **k: Result(0, json.dumps(answer).encode(), b""))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {**GOOD_INFO, "engine": "restic"},  # not the engine asked for
+        {**GOOD_INFO, "password": "pw\nqtb-pipe init --force"},  # a second line on the sheet
+        {**GOOD_INFO, "repository": "/r\x1b[2J"},  # terminal control
+        {**GOOD_INFO, "password": "x" * 1001},
+        {**GOOD_INFO, "key_export": 7},
+        {k: v for k, v in GOOD_INFO.items() if k != "password"},
+        [GOOD_INFO],
+    ],
+)
+def test_recovery_info_answers_are_bounded_and_printable(monkeypatch, answer):
+    answering(monkeypatch, GOOD_INFO)
+    assert Adapter("backup", "borg").recovery_info()["key_export"] == "K\n1"
+    answering(monkeypatch, answer)
+    with pytest.raises(QtbError, match="backup qube sent"):
+        Adapter("backup", "borg").recovery_info()

@@ -1,4 +1,5 @@
-"""The functions the driver imports from the shim, and the shim module's own constraints."""
+"""The shim's formats and functions (also what the driver and the adapter import), the driver's
+manifest module, and the shim module's own constraints."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from qtb_pipe import manifest, runs
+from qtb_pipe.errors import QtbError
 from scrypt_shim import shim
 
 SECRET = bytes(range(32))
@@ -57,8 +60,7 @@ def test_tag_and_trailer_layout() -> None:
         streamed.update(memoryview(data)[start : start + 777])
     assert streamed.finish() == expected_tag and streamed.size == len(data)
 
-    blob = shim.seal_chunk(SECRET, "vm1/root.img.004", data)
-    trailer = blob[len(data) :]
+    trailer = shim.make_trailer(keys, len(data), expected_tag)
     assert len(trailer) == 56
     assert trailer == b"QTBPIPE1" + keys.kcv + struct.pack(">Q", len(data)) + expected_tag
     assert shim.parse_trailer(trailer) == shim.Trailer(keys.kcv, len(data), expected_tag)
@@ -66,23 +68,19 @@ def test_tag_and_trailer_layout() -> None:
 
 
 def test_parse_qtb_passphrase() -> None:
-    header = shim.parse_qtb_passphrase(f"backup-header!{USER}")
+    header = shim.parse_qtb_passphrase(f"backup-header!{USER}".encode())
     assert header == shim.QtbPassphrase("backup-header", None, TOKEN, SECRET)
     chunk = shim.parse_qtb_passphrase(f"20261124T003908-3222!vm12/private.img.003!{USER}".encode())
     assert chunk == shim.QtbPassphrase("vm12/private.img.003", "20261124T003908-3222", TOKEN, SECRET)
-    assert shim.make_user_passphrase(TOKEN, SECRET) == USER
+    assert runs.make_user_passphrase(TOKEN, SECRET) == USER
 
-    not_ours = [
-        "backup-header!my own passphrase",
-        f"backup-header!{USER.upper()}",
-        "",
-    ]
-    for passphrase in not_ours:
+    for passphrase in (
+        b"backup-header!my own passphrase",
+        f"backup-header!{USER.upper()}".encode(),
+        b"",
+        b"\xff",
+    ):
         assert shim.parse_qtb_passphrase(passphrase) is None, passphrase
-    assert shim.parse_qtb_passphrase(b"backup-header!\xff") is None
-    with pytest.raises(shim.QtbPassphraseError, match="UTF-8"):
-        shim.parse_qtb_passphrase(b"20261124T003908-3222!vm1/\xff.000!" + USER.encode())
-
     # Anything holding "qtb1:" that is not a well-formed qtb-pipe passphrase is refused, never handed to
     # the real scrypt: e.g. a line cut by fgets, which would give the real scrypt part of the secret.
     malformed = [
@@ -96,51 +94,86 @@ def test_parse_qtb_passphrase() -> None:
         f"!{USER}",
         f"20261124T003908-3222!{USER}",
         f"2026!vm1/a.000!{USER}",
-        f"20261124T003908-3222!../etc/x!{USER}",
-        f"20261124T003908-3222!/abs!{USER}",
+        f"20261124T003908-3222!../etc/x.000!{USER}",
+        f"20261124T003908-3222!vm1/../x.000!{USER}",
+        f"20261124T003908-3222!/abs.000!{USER}",
+        f"20261124T003908-3222!vm1/private.img!{USER}",  # no chunk number
+        "20261124T003908-3222!vm1/\N{SNOWMAN}.000!" + USER,
     ]
     for passphrase in malformed:
         with pytest.raises(shim.QtbPassphraseError):
-            shim.parse_qtb_passphrase(passphrase)
+            shim.parse_qtb_passphrase(passphrase.encode())
     with pytest.raises(ValueError):
-        shim.make_user_passphrase("ABC", SECRET)
+        runs.make_user_passphrase("ABC", SECRET)
+
+
+ENTRY = manifest.QubeEntry("vm3/", "AppVM", "debian-12", "sys-net")
+CHUNKS = [
+    {"path": "backup-header", "size": 12, "tag": "ab" * 32},
+    {"path": "vm3/private.img.000", "size": 5, "tag": "cd" * 32},
+]
+
+
+def sealed_body(body: dict) -> bytes:
+    """The sealed form built by hand (test oracle): canonical JSON and the HMAC of the body."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    seal = hmac.new(shim.derive_keys(SECRET).manifest_key, canonical, "sha256").hexdigest()
+    return b'{"manifest":' + canonical + b',"seal":"' + seal.encode() + b'"}'
 
 
 def test_manifest_seal_round_trip_and_rejections() -> None:
-    body = {
-        "format": "qtb-pipe-manifest-1",
-        "backup_id": "20261124T003908-3222",
-        "created": "2026-11-24T00:39:08Z",
-        "engine": "borg",
-        "qubes": ["work"],
-        "chunks": [{"path": "backup-header", "size": 12, "tag": "ab" * 32}],
-    }
-    sealed = shim.seal_manifest(SECRET, body)
-    outer = json.loads(sealed)
-    assert (
-        outer["seal"]
-        == hmac.new(shim.derive_keys(SECRET).manifest_key, shim.canonical_json(body), "sha256").hexdigest()
+    made = manifest.build(
+        SECRET, "20261124T003908-3222", "2026-11-24T00:39:08Z", "borg", {"work": ENTRY}, CHUNKS
     )
-    assert sealed == shim.canonical_json(outer)  # the sealed form is canonical JSON itself
-    assert shim.verify_manifest(SECRET, sealed) == body
+    body = json.loads(made.sealed)["manifest"]
+    assert body["format"] == shim.MANIFEST_FORMAT and body["qubes"]["work"]["path"] == "vm3/"
+    assert made.sealed == sealed_body(body)  # the sealed form is exactly the documented bytes
+    back = manifest.verify(SECRET, made.sealed)
+    assert (back.backup_id, back.qubes, back.chunks, back.sha256) == (
+        made.backup_id,
+        {"work": ENTRY},
+        CHUNKS,
+        made.sha256,
+    )
+    assert back.chunks_of(["vm3/"]) == CHUNKS[1:]
     # only the exact sealed form is accepted: the seal is checked over the raw bytes before parsing
-    with pytest.raises(shim.ManifestError, match="not in the sealed form"):
-        shim.verify_manifest(SECRET, json.dumps(outer, indent=2).encode())
+    with pytest.raises(QtbError, match="not in the sealed form"):
+        manifest.verify(SECRET, json.dumps(json.loads(made.sealed), indent=2).encode())
+    with pytest.raises(QtbError, match="seal does not verify"):
+        manifest.verify(bytes(32), made.sealed)
+    forged = made.sealed.replace(b'"size":5', b'"size":6')
+    with pytest.raises(QtbError, match="seal does not verify"):
+        manifest.verify(SECRET, forged)
+    with pytest.raises(QtbError, match="not in the sealed form"):
+        manifest.verify(SECRET, b"{")
+    with pytest.raises(QtbError, match="larger than"):
+        manifest.verify(SECRET, b" " * (shim.MAX_MANIFEST_BYTES + 1))
 
-    with pytest.raises(shim.ManifestError, match="seal does not verify"):
-        shim.verify_manifest(bytes(32), sealed)
-    forged = json.loads(sealed)
-    forged["manifest"]["chunks"][0]["size"] = 13
-    with pytest.raises(shim.ManifestError, match="seal does not verify"):
-        shim.verify_manifest(SECRET, shim.canonical_json(forged))
-    with pytest.raises(shim.ManifestError, match="not in the sealed form"):
-        shim.verify_manifest(SECRET, b"{")
-    with pytest.raises(shim.ManifestError, match="larger than"):
-        shim.verify_manifest(SECRET, b" " * (shim.MAX_MANIFEST_BYTES + 1))
-    bad_shape = dict(body, chunks=[{"path": "x", "size": -1, "tag": "00" * 32}])
-    with pytest.raises(shim.ManifestError, match="malformed manifest chunk"):
-        shim.verify_manifest(SECRET, shim.seal_manifest(SECRET, bad_shape))
-    assert isinstance(shim.ManifestError("x"), shim.VerificationError)
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b.update(format="qtb-pipe-manifest-1"),
+        lambda b: b.update(backup_id="20261124T003908-3222\n"),
+        lambda b: b.pop("qubes"),  # `qubes` with each qube's path is required: fail closed
+        lambda b: b["qubes"]["work"].pop("path"),
+        lambda b: b["qubes"]["work"].update(path="../"),
+        lambda b: b["qubes"]["work"].update({"class": "Evil"}),
+        lambda b: b["qubes"].update({"bad name!": b["qubes"]["work"]}),
+        lambda b: b["chunks"].append({"path": "x", "size": 1, "tag": "00" * 32}),
+        lambda b: b["chunks"].append({"path": "vm3/private.img.001", "size": -1, "tag": "00" * 32}),
+        lambda b: b["chunks"].append({"path": "vm3/private.img.001", "size": True, "tag": "00" * 32}),
+        lambda b: b["chunks"].append({"path": "vm3/private.img.001", "size": 1, "tag": "AB" * 32}),
+        lambda b: b.update(engine="tar"),
+    ],
+)
+def test_sealed_manifest_with_wrong_fields_still_fails_closed(change) -> None:
+    body = json.loads(
+        manifest.build(SECRET, "20261124T003908-3222", "t", "borg", {"work": ENTRY}, CHUNKS).sealed
+    )["manifest"]
+    change(body)
+    with pytest.raises(QtbError, match="not a qtb-pipe-manifest-2 manifest"):
+        manifest.verify(SECRET, sealed_body(body))
 
 
 def test_chunk_paths_and_header_backup_id() -> None:
@@ -153,35 +186,26 @@ def test_chunk_paths_and_header_backup_id() -> None:
     assert shim.header_backup_id(b"version=4\n") is None
 
 
+def test_plan_lines_are_fixed_width() -> None:
+    line = runs.plan_line("vm3/private.img.000", 5, "cd" * 32)
+    assert len(line) == shim.PLAN_LINE and line.split() == [b"vm3/private.img.000", b"5", b"cd" * 32]
+    with pytest.raises(ValueError):
+        runs.plan_line("x" * shim.PLAN_LINE)
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["enc", "-", "out"], ("enc", [], "tty-stdin", "", "-", "out")),
-        (["dec", "-f", "in", "out"], ("dec", ["-f"], "tty-stdin", "", "in", "out")),
-        (["enc", "-Pt0.1", "in"], ("enc", ["-t", "0.1"], "stdin-once", "", "in", None)),
-        (["enc", "-fv", "-t", "1", "in", "-"], ("enc", ["-f", "-v", "-t", "1"], "tty-stdin", "", "in", "-")),
-        (
-            ["enc", "--logN=10", "-r", "1", "-p1", "in"],
-            ("enc", ["--logN", "10", "-r", "1", "-p", "1"], "tty-stdin", "", "in", None),
-        ),
-        (["dec", "--passphrase", "env:PW", "in"], ("dec", [], "env", "PW", "in", None)),
-        (["dec", "--passphrase=file:/x:y", "--", "-in"], ("dec", [], "file", "/x:y", "-in", None)),
-        (
-            ["enc", "--passphrase", "dev:tty-once", "-M", "1GB", "-m", "0.25", "in"],
-            ("enc", ["-M", "1GB", "-m", "0.25"], "tty-once", "", "in", None),
-        ),
+        (["enc", "-", "out"], ("enc", [], False, "-", "out")),
+        (["enc", "in", "out"], ("enc", [], False, "in", "out")),
+        (["dec", "-f", "in", "out"], ("dec", ["-f"], False, "in", "out")),
+        (["enc", "-P", "-t", "0.1", "in", "out"], ("enc", ["-t", "0.1"], True, "in", "out")),
+        (["dec", "-t", "1", "-f", "in", "out"], ("dec", ["-t", "1", "-f"], False, "in", "out")),
     ],
 )
-def test_command_line_parsing(args: list[str], expected: tuple) -> None:
-    invocation = shim.parse_command_line(args)
-    assert (
-        invocation.mode,
-        invocation.options,
-        invocation.passphrase_method,
-        invocation.passphrase_arg,
-        invocation.infile,
-        invocation.outfile,
-    ) == expected
+def test_the_call_forms_qubes_uses(args: list[str], expected: tuple) -> None:
+    inv = shim.parse_command_line(args)
+    assert (inv.mode, inv.options, inv.from_stdin, inv.infile, inv.outfile) == expected
 
 
 @pytest.mark.parametrize(
@@ -191,25 +215,24 @@ def test_command_line_parsing(args: list[str], expected: tuple) -> None:
         ["info", "x"],
         ["--version"],
         ["enc"],
+        ["enc", "in"],  # output on stdout
+        ["dec", "-", "out"],
         ["enc", "a", "b", "c"],
-        ["enc", "-x", "a"],
-        ["enc", "-t"],
-        ["enc", "--version"],
-        ["enc", "--log", "10", "a"],
-        ["enc", "--logN", "10", "a"],
-        ["enc", "--logN", "9", "-r", "1", "-p", "1", "a"],
-        ["enc", "-r", "33", "--logN", "10", "-p", "1", "a"],
-        ["enc", "-t", "abc", "a"],
-        ["enc", "-m", "0.6", "a"],
-        ["enc", "-M", "lots", "a"],
-        ["enc", "-P", "-"],
-        ["enc", "-P", "--passphrase", "env:X", "a"],
-        ["dec", "--passphrase", "dev:nope", "a"],
-        ["dec", "--passphrase", "nocolon", "a"],
+        ["enc", "-x", "a", "b"],
+        ["enc", "-fP", "a", "b"],
+        ["enc", "-t0.1", "a", "b"],
+        ["enc", "-t", "abc", "a", "b"],
+        ["enc", "--logN", "10", "-r", "1", "-p", "1", "a", "b"],
+        ["enc", "-m", "0.1", "a", "b"],
+        ["enc", "-P", "-", "out"],
+        ["enc", "-P", "-P", "a", "b"],
+        ["enc", "--passphrase", "env:X", "a", "b"],
+        ["enc", "--", "a", "b"],
+        ["enc", "a", "-"],
     ],
 )
 def test_command_lines_left_to_the_real_scrypt(args: list[str]) -> None:
-    with pytest.raises(shim.CommandLineNotHandled):
+    with pytest.raises(shim.NotHandled):
         shim.parse_command_line(args)
 
 
@@ -217,11 +240,11 @@ def test_manifest_seal_is_checked_before_any_parsing() -> None:
     """Deeply nested JSON from the backup qube must be refused as unsealed, not crash json.loads."""
     deep = b"[" * 200_000 + b"]" * 200_000
     unsealed = b'{"manifest":' + deep + b',"seal":"' + b"0" * 64 + b'"}'
-    with pytest.raises(shim.ManifestError, match="seal does not verify"):
-        shim.verify_manifest(SECRET, unsealed)
-    with pytest.raises(shim.ManifestError, match="not in the sealed form"):
-        shim.verify_manifest(SECRET, b'{"manifest":' + deep + b"}")
-    # even a correctly sealed body (a driver bug) that json cannot nest that deep is a ManifestError
+    with pytest.raises(QtbError, match="seal does not verify"):
+        manifest.verify(SECRET, unsealed)
+    with pytest.raises(QtbError, match="not in the sealed form"):
+        manifest.verify(SECRET, b'{"manifest":' + deep + b"}")
+    # even a correctly sealed body (a driver bug) that json cannot nest that deep fails closed
     seal = hmac.new(shim.derive_keys(SECRET).manifest_key, deep, "sha256").hexdigest().encode()
-    with pytest.raises(shim.ManifestError, match="not JSON"):
-        shim.verify_manifest(SECRET, b'{"manifest":' + deep + b',"seal":"' + seal + b'"}')
+    with pytest.raises(QtbError, match="not a qtb-pipe-manifest-2"):
+        manifest.verify(SECRET, b'{"manifest":' + deep + b',"seal":"' + seal + b'"}')

@@ -1,23 +1,25 @@
 """`qtb-pipe backup`: stock qvm-backup through the shim into the backup qube's adapter, then the
-cross-check, the sealed manifest and the commit. Any failure leaves the snapshot pending."""
+cross-check, the sealed manifest, the commit and dom0's confirmation of it. Any failure leaves the
+snapshot pending (never listed as complete)."""
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import time
 from dataclasses import dataclass
 
 from scrypt_shim import shim
 
-from .. import qubes, shim_install
-from ..adapter import Adapter, Member
-from ..config import Config, SnapshotRecord, load_secret, root, save_record
-from ..errors import EXIT_FAILED, EXIT_QUBE, EXIT_SHIM, EXIT_USAGE, QtbError
-from ..runs import TRAILER, Run, ShimRecord, cleanup_stale_runs
-from ..ui import Progress, human_bytes, human_duration, info
+from .. import manifest, proc, qubes, shim_install
+from ..adapter import Adapter, Member, adapter_failure
+from ..config import Config, load_secret, root
+from ..errors import EXIT_FAILED, EXIT_QUBE, EXIT_SHIM, EXIT_USAGE, EXIT_VERIFY, PartialFailure, QtbError
+from ..fingerprint import Unknown, domains, explicit, fingerprints
+from ..records import SnapshotRecord, catalog, check_records_writable, load_records, save_record
+from ..runs import Run, ShimRecord
+from ..ui import Progress, human_bytes, human_duration, info, short_id
 
-QUBES_XML_RETRIEVAL_CAP = 1024 * 1024
+TRAILER = shim.TRAILER_SIZE
 
 
 @dataclass
@@ -59,7 +61,7 @@ def qubes_xml_warning(stored: list[Member]) -> str | None:
     """qvm-backup-restore fetches qubes.xml from a qube with a fixed 1 MiB cap (facts §3) that
     --ignore-size-limit does not lift: such a backup could not be restored from the backup qube."""
     xml = next((m for m in stored if m.name == "qubes.xml.000.enc"), None)
-    if xml is None or xml.size <= QUBES_XML_RETRIEVAL_CAP:
+    if xml is None or qubes.qubes_xml_retrievable(xml.size):
         return None
     return (
         f"qubes.xml.000.enc is {xml.size} bytes, over the 1 MiB that qvm-backup-restore accepts from a qube: "
@@ -103,109 +105,206 @@ def check_run(records: list[ShimRecord], stored: list[Member]) -> str:
     return ids.pop()
 
 
-def run_backup(cfg: Config, names: list[str], exclude: list[str], as_json: bool) -> dict:
+def confirm_commit(adapter: Adapter, snapshot_id: str, sealed: bytes, digest: str) -> str:
+    """A commit is complete only once dom0 has confirmed it: the id is not one dom0 recorded with
+    another manifest, and the manifest the repository now serves for it is the one dom0 sealed."""
+    known = load_records().get((adapter.engine, snapshot_id))
+    if known is not None and known.manifest_sha256 != digest:
+        raise QtbError(
+            f"the backup qube answered the commit with snapshot {snapshot_id}, which dom0 recorded "
+            "for another backup; nothing was recorded",
+            EXIT_VERIFY,
+        )
+    try:
+        stored = adapter.manifest(snapshot_id)
+    except QtbError:
+        raise QtbError(
+            f"the backup qube reported snapshot {snapshot_id} committed but cannot serve its manifest; "
+            "nothing was recorded",
+            EXIT_VERIFY,
+        ) from None
+    if stored != sealed:
+        raise QtbError(
+            f"the backup qube stores another manifest for snapshot {snapshot_id} than dom0 sealed; "
+            "nothing was recorded",
+            EXIT_VERIFY,
+        )
+    return snapshot_id
+
+
+def qube_entries(all_qubes: dict[str, qubes.QubeInfo], names: list[str]) -> dict[str, manifest.QubeEntry]:
+    """Where each qube's files are in the stream (qubesd: vm<qid>/, dom0's home last) and what it
+    needs where it is restored: its template and its net qube if set explicitly (restore checks those)."""
+    settings = domains()
+    return {
+        name: manifest.QubeEntry(
+            "dom0-home/" if name == "dom0" else f"vm{all_qubes[name].qid}/",
+            all_qubes[name].klass,
+            explicit(settings.get(name), "template"),
+            explicit(settings.get(name), "netvm"),
+        )
+        for name in names
+    }
+
+
+def backup_unit(
+    cfg: Config,
+    adapter: Adapter,
+    secret: str,
+    entries: dict[str, manifest.QubeEntry],
+    fingerprints: dict[str, str | None],
+    progress: Progress,
+) -> dict:
+    """One stock qvm-backup run of these qubes, committed and recorded, or nothing at all. Returns
+    what the summary says of it."""
+    run = Run()
+    passphrase_file = run.create(secret)
+    try:
+        location = adapter.store_location(run.run_id)
+        res = qubes.qvm_backup(
+            cfg.backup_qube, location, str(passphrase_file), list(entries), progress.update, cfg.stall_timeout
+        )
+        progress.done()
+        if res.stalled:
+            raise QtbError(
+                f"qvm-backup made no progress for {cfg.stall_timeout} s (stall_timeout) and was stopped; "
+                "nothing was committed"
+            )
+        if res.code != 0:
+            detail, code = adapter_failure(res.stderr)
+            raise QtbError(f"qvm-backup failed: {detail}; nothing was committed", code)
+        stored = adapter.pending_members(run.run_id)
+        records = run.records()
+        backup_id = check_run(records, stored)
+        created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        chunks = [{"path": r.path, "size": r.size, "tag": r.tag} for r in records if r.op == "enc"]
+        sealed = manifest.build(bytes.fromhex(secret), backup_id, created, cfg.engine, entries, chunks)
+        committed = adapter.commit(run.run_id, sealed.sealed)
+        snapshot_id = confirm_commit(adapter, committed["id"], sealed.sealed, sealed.sha256)
+    finally:
+        progress.done()
+        run.remove()
+    stream_bytes = sum(m.size for m in stored)
+    save_record(
+        SnapshotRecord(snapshot_id, cfg.engine, backup_id, created, fingerprints, stream_bytes, sealed.sha256)
+    )
+    added = committed.get("added_bytes")
+    return {
+        "status": "backed up",
+        "snapshot": snapshot_id,
+        "stream_bytes": stream_bytes,
+        "added_bytes": added if type(added) is int else None,
+        "warnings": [w for w in [qubes_xml_warning(stored)] if w],
+    }
+
+
+@dataclass
+class Decision:
+    """What tonight's run does with one qube, and why (backup, backup --dry-run, config check)."""
+
+    qube: str
+    back_up: bool
+    why: str
+    fingerprint: str | None
+
+
+def plan_backup(engine: str, names: list[str], full: bool) -> list[Decision]:
+    """A qube whose fingerprint equals the one recorded with its newest copy is skipped."""
+    latest = {qube: copies[-1] for qube, copies in catalog(engine).items()}
+    decisions = []
+    for qube, found in fingerprints(names).items():
+        known = latest.get(qube)
+        if isinstance(found, Unknown):
+            decisions.append(Decision(qube, True, f"always backed up: {found}", None))
+        elif known is not None and known.qubes[qube] == found and not full:
+            decisions.append(
+                Decision(qube, False, f"unchanged since {short_id(known.id)} ({known.time})", found)
+            )
+        else:
+            why = "--full" if full else f"changed since {short_id(known.id)}" if known else "no copy yet"
+            decisions.append(Decision(qube, True, why, found))
+    return decisions
+
+
+def run_backup(
+    cfg: Config,
+    names: list[str],
+    exclude: list[str],
+    as_json: bool,
+    full: bool = False,
+    dry_run: bool = False,
+) -> dict:
     secret = load_secret()
     status = shim_install.shim_status(root())
-    if not status.qubesd_uses_shim:
-        problems = "; ".join(status.problems) or "qubesd would not run it"
+    if not status["active"] and not dry_run:
+        problems = "; ".join(status["problems"]) or "qubesd would not run it"
         raise QtbError(f"the scrypt shim is not active: {problems} (run: qtb-pipe install-shim)", EXIT_SHIM)
     all_qubes = qubes.list_qubes()
     if cfg.backup_qube not in all_qubes:
         raise QtbError(f"backup qube '{cfg.backup_qube}' does not exist (config: backup_qube)", EXIT_QUBE)
+    selection = select_qubes(cfg, all_qubes, names, exclude)
+    if not selection.included:
+        raise QtbError("nothing to back up: every qube is left out (see qtb-pipe config check)", EXIT_USAGE)
+    decisions = plan_backup(cfg.engine, selection.included, full)
+    summary: dict = {"engine": cfg.engine, "dry_run": dry_run, "qubes": {}, "snapshots": [], "warnings": []}
+    for d in decisions:
+        summary["qubes"][d.qube] = {"status": "to back up" if d.back_up else "unchanged", "why": d.why}
+    if dry_run:
+        if not as_json:
+            print_decisions(decisions)
+        return summary
     if not all_qubes[cfg.backup_qube].running:
         if not cfg.start_backup_qube:
             raise QtbError(
                 f"backup qube '{cfg.backup_qube}' is not running: qvm-start {cfg.backup_qube}", EXIT_QUBE
             )
         qubes.start_qube(cfg.backup_qube)
-    selection = select_qubes(cfg, all_qubes, names, exclude)
-    if not selection.included:
-        raise QtbError("nothing to back up: every qube is left out (see qtb-pipe config check)", EXIT_USAGE)
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     adapter.snapshots()  # preflight: adapter present, repository ready, password right
-    cleanup_stale_runs()
-
-    run = Run()
-    passphrase_file = run.create(secret)
+    check_records_writable()
+    todo = [d for d in decisions if d.back_up]
     started = time.monotonic()
-    progress = Progress("backup", enabled=not as_json)
-    try:
+    failed: list[str] = []
+    for number, d in enumerate(todo, start=1):
+        # one qvm-backup per qube: what finished is committed, an interrupted night resumes with the rest
         info(
-            f"qtb-pipe: backing up {', '.join(selection.included)} to {cfg.engine} in '{cfg.backup_qube}'",
+            f"qtb-pipe: backing up {d.qube} ({number}/{len(todo)}) to {cfg.engine} in '{cfg.backup_qube}'",
             as_json,
         )
-        res = qubes.qvm_backup(
-            cfg.backup_qube,
-            adapter.store_location(run.run_id),
-            str(passphrase_file),
-            selection.included,
-            progress.update,
-        )
-        progress.done()
-        if res.code != 0:
-            raise QtbError(
-                f"qvm-backup failed: {qubes.one_line(res.stderr, 'no message')}; nothing was committed",
-                EXIT_FAILED,
-            )
-        stored = adapter.pending_members(run.run_id)
-        backup_id = check_run(run.records(), stored)
-        manifest = {
-            "format": shim.MANIFEST_FORMAT,
-            "backup_id": backup_id,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "engine": cfg.engine,
-            "qubes": selection.included,
-            # where each qube's files are in the stream, for per-qube verify reports
-            "paths": {
-                name: ("dom0-home/" if name == "dom0" else f"vm{all_qubes[name].qid}/")
-                for name in selection.included
-            },
-            "chunks": [
-                {"path": r.path, "size": r.size, "tag": r.tag} for r in run.records() if r.op == "enc"
-            ],
-        }
-        sealed = shim.seal_manifest(bytes.fromhex(secret), manifest)
-        committed = adapter.commit(run.run_id, sealed)
-    except BaseException:
-        progress.done()
-        raise
-    finally:
-        run.remove()
+        entry = summary["qubes"][d.qube]
+        try:
+            done = backup_unit(
+                cfg, adapter, secret, qube_entries(all_qubes, [d.qube]), {d.qube: d.fingerprint},
+                Progress(f"backup {d.qube}", not as_json),
+            )  # fmt: skip
+        except QtbError as e:
+            entry.update(status="failed", error=str(e), exit_code=e.code)
+            failed.append(d.qube)
+            info(f"qtb-pipe: {d.qube} failed: {proc.printable(str(e), 500)}", as_json)
+            continue
+        summary["warnings"] += done.pop("warnings")
+        entry.update(done)
+        summary["snapshots"].append(done["snapshot"])
     elapsed = time.monotonic() - started
-    stream_bytes = sum(m.size for m in stored)
-    snapshot_id = committed["id"]
-    save_record(
-        SnapshotRecord(
-            id=snapshot_id,
-            engine=cfg.engine,
-            backup_id=backup_id,
-            time=manifest["created"],
-            qubes=selection.included,
-            stream_bytes=stream_bytes,
-            manifest_sha256=hashlib.sha256(sealed).hexdigest(),
-        )
+    streamed = sum(q.get("stream_bytes", 0) for q in summary["qubes"].values())
+    added = [q["added_bytes"] for q in summary["qubes"].values() if isinstance(q.get("added_bytes"), int)]
+    summary.update(
+        stream_bytes=streamed, added_bytes=sum(added) if added else None, seconds=round(elapsed, 2)
     )
-    added = committed.get("added_bytes") if isinstance(committed.get("added_bytes"), int) else None
-    summary = {
-        "snapshot": snapshot_id,
-        "engine": cfg.engine,
-        "backup_id": backup_id,
-        "qubes": selection.included,
-        "stream_bytes": stream_bytes,
-        "added_bytes": added,
-        "seconds": round(elapsed, 2),
-        "throughput_bytes_per_s": int(stream_bytes / elapsed) if elapsed > 0 else None,
-        "warnings": [],
-    }
-    warning = qubes_xml_warning(stored)
-    if warning:
-        summary["warnings"].append(warning)
     for warning in summary["warnings"]:
         info(f"warning: {warning}", as_json)
     if not as_json:
-        print(
-            f"snapshot {snapshot_id} ({cfg.engine}) complete: {len(selection.included)} qubes, "
-            f"{human_bytes(stream_bytes)} streamed, {human_bytes(added)} added to the repository, "
-            f"{human_duration(elapsed)} ({human_bytes(summary['throughput_bytes_per_s'])}/s)"
-        )
+        print_decisions(decisions, summary)
+        print(f"{len(summary['snapshots'])} qube(s) backed up: {human_bytes(streamed)} streamed, "
+              f"{human_bytes(summary['added_bytes'])} added, {human_duration(elapsed)}")  # fmt: skip
+    if failed:
+        first = summary["qubes"][failed[0]]
+        message = f"{len(failed)} qube(s) not backed up: {', '.join(failed)} ({failed[0]}: {first['error']})"
+        raise PartialFailure(message, first["exit_code"], summary)
     return summary
+
+
+def print_decisions(decisions: list[Decision], summary: dict | None = None) -> None:
+    for d in decisions:
+        state = summary["qubes"][d.qube]["status"] if summary else ("skipped", "will be backed up")[d.back_up]
+        print(f"  {d.qube:<24} {state:<18} {d.why}")

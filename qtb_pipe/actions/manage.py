@@ -1,78 +1,135 @@
-"""`qtb-pipe list`, `prune` and `check`: the repository as the adapter reports it, joined with
-what dom0 itself recorded at commit time."""
+"""`qtb-pipe list`, `prune` and `check`: dom0's per-qube catalog, with the repository as the adapter
+reports it (a snapshot dom0 has no record of is shown, never trusted)."""
 
 from __future__ import annotations
 
-from ..adapter import Adapter
-from ..config import RETENTION_KEYS, Config, forget_record, load_records
+import datetime
+
+from .. import qubes
+from ..adapter import SNAPSHOT_ID_RE, Adapter
+from ..config import RETENTION_KEYS, Config
 from ..errors import EXIT_USAGE, QtbError
-from ..ui import human_bytes
+from ..proc import printable
+from ..records import begin_prune, catalog, end_prune, load_records
+from ..ui import human_bytes, human_duration, short_id
 
 
-def run_list(cfg: Config) -> list[dict]:
+def run_list(cfg: Config, qube: str | None = None) -> dict:
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     records = load_records()
+    listed = adapter.snapshots()
+    present = {s.id for s in listed if s.state == "complete"}
     rows = []
-    for snap in adapter.snapshots():
+    for snap in listed:
         rec = records.get((cfg.engine, snap.id))
-        rows.append(
-            {
-                "id": snap.id,
-                "engine": cfg.engine,
-                "time": snap.time,
-                "state": snap.state,
-                "backup_id": snap.backup_id,
-                "qubes": snap.qubes,
-                "stream_bytes": snap.stream_bytes,
-                "added_bytes": snap.added_bytes,
-                "dom0_record": rec is not None,
-                # a snapshot whose id dom0 recorded with another backup is a warning sign
-                "matches_dom0_record": rec is None or rec.backup_id == snap.backup_id,
-            }
-        )
-    return rows
+        # a snapshot whose id dom0 recorded with another backup is a warning sign
+        mark = "no" if rec is None else "yes" if rec.backup_id == snap.backup_id else "BAD"
+        rows.append({**snap.__dict__, "engine": cfg.engine, "dom0_record": mark})
+    copies = catalog(cfg.engine)
+    if qube is not None and qube not in copies:
+        raise QtbError(f"dom0 has no copy of {qube} in {cfg.engine} (see qtb-pipe list)", EXIT_USAGE)
+    now = datetime.datetime.now(datetime.UTC)
+    per_qube = {}
+    for name, recs in copies.items():
+        newest = recs[-1]
+        per_qube[name] = {
+            "latest": newest.id,
+            "time": newest.time,
+            "age_seconds": int((now - datetime.datetime.fromisoformat(newest.time)).total_seconds()),
+            "copies": len(recs),
+            "in_repository": newest.id in present,
+        }
+        if name == qube:
+            per_qube[name]["history"] = [
+                {
+                    "snapshot": r.id,
+                    "time": r.time,
+                    "backup_id": r.backup_id,
+                    "manifest_sha256": r.manifest_sha256,
+                }
+                | {"fingerprint": r.qubes[name], "in_repository": r.id in present}
+                for r in reversed(recs)
+            ]
+    return {"engine": cfg.engine, "qubes": per_qube, "snapshots": rows}
 
 
-def print_list(rows: list[dict]) -> None:
-    if not rows:
+def print_list(result: dict) -> None:
+    if not result["qubes"] and not result["snapshots"]:
         print("no snapshots yet: run qtb-pipe backup")
         return
-    print(f"{'snapshot':<20} {'time':<26} {'state':<9} {'stream':>10} {'added':>10}  dom0  qubes")
-    for r in rows:
-        mark = (
-            "yes" if r["dom0_record"] and r["matches_dom0_record"] else ("BAD" if r["dom0_record"] else "no")
-        )
+    ids = [q["latest"] for q in result["qubes"].values()] + [r["id"] for r in result["snapshots"]]
+    w = max([14, *(len(short_id(i)) for i in ids)])  # borg's archive names are long
+    print(f"{'qube':<24} {'latest copy':<{w}} {'age':>8} {'copies':>6}")
+    for name, q in sorted(result["qubes"].items()):
+        gone = "" if q["in_repository"] else "  (not in the repository!)"
+        age = human_duration(q["age_seconds"])
+        print(f"{name:<24} {short_id(q['latest']):<{w}} {age:>8} {q['copies']:>6}{gone}")
+        for h in q.get("history", []):
+            print(f"    {short_id(h['snapshot']):<{w}} {h['time']}{'' if h['in_repository'] else '  (gone)'}")
+    print(f"\n{'snapshot':<{w}} {'time':<26} {'state':<9} {'stream':>10} {'added':>10}  dom0  qubes")
+    for r in result["snapshots"]:
         print(
-            f"{r['id']:<20} {r['time']:<26} {r['state']:<9} {human_bytes(r['stream_bytes']):>10} "
-            f"{human_bytes(r['added_bytes']):>10}  {mark:<5} {', '.join(r['qubes'])}"
+            f"{short_id(r['id']):<{w}} {r['time']:<26} {r['state']:<9} {human_bytes(r['stream_bytes']):>10} "
+            f"{human_bytes(r['added_bytes']):>10}  {r['dom0_record']:<5} {', '.join(r['qubes'])}"
         )
 
 
 def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> dict:
+    """Retention per qube, in the backup qube; dom0 protects the newest copy of every qube that still
+    exists, and forgets the records of snapshots that are gone."""
     retention = {**cfg.retention, **{k: v for k, v in overrides.items() if v is not None}}
     retention = {k: v for k, v in retention.items() if v}
     if not retention:
         raise QtbError(
             f"no retention rule: set one of {', '.join(RETENTION_KEYS)} in the config or as flags", EXIT_USAGE
         )
+    existing = set(qubes.list_qubes())
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     before = {s.id for s in adapter.snapshots() if s.state == "complete"}
-    result = adapter.prune(retention, dry_run)
-    if not dry_run:
-        after = {s.id for s in adapter.snapshots() if s.state == "complete"}
-        for gone in before - after:
-            forget_record(cfg.engine, gone)
-        removed = sorted(before - after)
-    else:
-        removed = sorted(result.get("remove", [])) if isinstance(result, dict) else []
+    noted = before if dry_run else begin_prune(cfg.engine, before)
+    answer = adapter.prune(retention, dry_run, sorted(existing))
+    would = answer.get("remove") if isinstance(answer, dict) else None
+    if not isinstance(would, list) or not all(
+        isinstance(i, str) and SNAPSHOT_ID_RE.fullmatch(i) for i in would
+    ):
+        raise QtbError("backup qube sent malformed data for `qtb-adapter prune`")
+    removed = set(would)
+    if not dry_run:  # what is gone is what the listing no longer shows
+        removed = end_prune(cfg.engine, noted, {s.id for s in adapter.snapshots() if s.state == "complete"})
+    remaining = {
+        name: {"remaining": [r.id for r in recs if r.id not in removed], "exists_in_dom0": name in existing}
+        for name, recs in catalog(cfg.engine).items()
+    }
     return {
         "retention": retention,
-        "removed": removed,
-        "kept": sorted(before - set(removed)),
         "dry_run": dry_run,
+        "removed": sorted(removed),
+        "kept": sorted(before - removed),
+        "qubes": remaining,
     }
+
+
+def print_prune(result: dict) -> None:
+    verb = "would remove" if result["dry_run"] else "removed"
+    print(f"{verb} {len(result['removed'])} snapshot(s), kept {len(result['kept'])}")
+    for snapshot in result["removed"]:
+        print(f"  {verb}: {snapshot}")
+    for name, q in sorted(result["qubes"].items()):
+        note = "" if q["exists_in_dom0"] else "  (deleted from dom0: kept only as the rules say)"
+        print(
+            f"  {name:<24} {len(q['remaining'])} cop{'y' if len(q['remaining']) == 1 else 'ies'} left{note}"
+        )
 
 
 def run_check(cfg: Config, read_data_subset: str | None) -> dict:
     result = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).check(read_data_subset)
-    return {"engine": cfg.engine, "ok": True, "adapter": result}
+    if not isinstance(result, dict) or result.get("ok") is not True:
+        raise QtbError(
+            f"the {cfg.engine} repository check did not pass (qtb-adapter check in the backup qube)"
+        )
+    warnings = result.get("warnings")
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        warnings = []
+    # hostile text: bounded and printable before it reaches dom0's terminal
+    shown = [printable(w, 300).replace("\n", " ") for w in warnings[:5]]
+    return {"engine": cfg.engine, "ok": True, "adapter": result, "warnings": shown}

@@ -1,23 +1,36 @@
 """`qtb-pipe restore` and `qtb-pipe verify`: the sealed manifest is fetched and verified first, then
 the stock qvm-backup-restore reads the stream from the adapter and the shim checks every chunk
-against the manifest before any plaintext reaches dom0's parsers."""
+against the pass's plan before any plaintext reaches dom0's parsers."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import re
 import shutil
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from scrypt_shim import shim
 
-from .. import qubes, shim_install
+from .. import manifest, proc, qubes, shim_install
 from ..adapter import Adapter, check_snapshot_id
-from ..config import Config, load_records, load_secret, root, write_private
-from ..errors import EXIT_FAILED, EXIT_SHIM, EXIT_USAGE, EXIT_VERIFY, QtbError
+from ..config import Config, load_secret, root
+from ..errors import EXIT_FAILED, EXIT_SHIM, EXIT_SNAPSHOT, EXIT_USAGE, EXIT_VERIFY, PartialFailure, QtbError
+from ..manifest import Manifest, QubeEntry
+from ..qubes import RestoreFlags
+from ..records import catalog, load_records
 from ..runs import Run
 from ..ui import human_bytes, info
+
+
+@dataclass
+class RestoreOptions:
+    snapshot: str
+    qubes: list[str] = field(default_factory=list)  # empty: every qube of the snapshot
+    flags: RestoreFlags = field(default_factory=RestoreFlags)
+    single_pass: bool = False  # skip the verify-only pass before the real one
+    new_system: bool = False  # dom0 has no record of the snapshot: trust its sealed manifest alone
+    as_json: bool = False
 
 
 def resolve_snapshot_id(engine: str, snapshot_id: str) -> str:
@@ -32,12 +45,12 @@ def resolve_snapshot_id(engine: str, snapshot_id: str) -> str:
 
 def fetch_manifest(
     adapter: Adapter, snapshot_id: str, secret: str, quiet: bool, new_system: bool
-) -> tuple[bytes, dict]:
+) -> Manifest:
     """The snapshot's sealed manifest, verified with the secret and against dom0's record."""
-    sealed = adapter.manifest(snapshot_id)  # one repository open: the adapter refuses unknown/pending
+    sealed = adapter.manifest(snapshot_id)  # the adapter refuses unknown and pending snapshots
     try:
-        manifest = shim.verify_manifest(bytes.fromhex(secret), sealed)
-    except shim.ManifestError as e:
+        found = manifest.verify(bytes.fromhex(secret), sealed)
+    except QtbError as e:
         raise QtbError(f"snapshot {snapshot_id}: manifest rejected: {e}", EXIT_VERIFY) from None
     record = load_records().get((adapter.engine, snapshot_id))
     if record is None:
@@ -50,161 +63,322 @@ def fetch_manifest(
             )
         info(
             f"note: dom0 has no record of snapshot {snapshot_id} (--new-system): it is backup "
-            f"{manifest['backup_id']} of {manifest.get('created', '?')}, authenticated by its manifest",
+            f"{found.backup_id} of {found.created}, authenticated by its manifest",
             quiet,
         )
-    elif (
-        hashlib.sha256(sealed).hexdigest() != record.manifest_sha256
-        or manifest["backup_id"] != record.backup_id
-    ):
+    elif found.sha256 != record.manifest_sha256 or found.backup_id != record.backup_id:
         raise QtbError(
             f"snapshot {snapshot_id}: the backup qube served a manifest that is not the one dom0 "
             "committed (another or an older backup); nothing was restored",
             EXIT_VERIFY,
         )
-    return sealed, manifest
+    return found
 
 
-def _shim_failure(run: Run) -> str | None:
-    failed = [r for r in run.records() if r.op == "dec" and r.status != "ok"]
-    return f"{failed[0].path}: {failed[0].error[:300]}" if failed else None
+def missing_needs(
+    entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo]
+) -> dict[str, str]:
+    """Qubes whose template or (explicit) net qube is neither on this system nor restored with them:
+    qvm-backup-restore marks them broken (facts §4; restore.py restore_info_verify), checked here
+    before any data is read."""
+    broken = {}
+    for name in chosen:
+        q = entries[name]
+        template_here = q.template in host and host[q.template].klass == "TemplateVM"
+        template_with = q.template in chosen and entries[q.template].klass == "TemplateVM"
+        if q.template and not (template_here or template_with):
+            broken[name] = f"{name} needs template {q.template}"
+        elif q.netvm and q.netvm not in host and q.netvm not in chosen:
+            broken[name] = f"{name} needs net qube {q.netvm}"
+    return broken
 
 
-def _restore_pass(
+def refuse_before_data(
+    entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo], flags: RestoreFlags
+) -> dict[str, str]:
+    """What qvm-backup-restore would refuse, said before any data is read: a missing template or net
+    qube, a name that is taken. Returns the broken qubes (--skip-broken leaves them out)."""
+    broken = missing_needs(entries, chosen, host)
+    if broken and not (flags.skip_broken or flags.ignore_missing):
+        raise QtbError(
+            f"{'; '.join(broken.values())}: restore those first (restore --all does), or add --skip-broken "
+            "or --ignore-missing (qvm-backup-restore refuses otherwise)",
+            EXIT_USAGE,
+        )
+    taken = [n for n in chosen if n in host and n != "dom0"]
+    if taken and not (flags.verify_only or flags.rename_conflicting or flags.skip_conflicting):
+        raise QtbError(
+            f"{', '.join(taken)}: a qube of that name exists; remove it, or add --rename-conflicting or "
+            "--skip-conflicting",
+            EXIT_USAGE,
+        )
+    return broken
+
+
+def file_bound(plan: list[dict], prefixes: list[str]) -> int:
+    """The largest file this pass may write in dom0: a chunk as sent (data + trailer), or a file of
+    the dom0 home, which restore unpacks there (bounded by the home's whole inner stream)."""
+    home = (
+        sum(c["size"] for c in plan if c["path"].startswith("dom0-home/")) if "dom0-home/" in prefixes else 0
+    )
+    return max([c["size"] + shim.TRAILER_SIZE for c in plan] + [home])
+
+
+def restore_pass(
     cfg: Config,
+    found: Manifest,
     location: str,
     secret: str,
-    sealed: bytes,
-    manifest: dict,
-    names: list[str],
     prefixes: list[str],
-    options: list[str],
-    as_json: bool,
-) -> set[str]:
-    """One stock qvm-backup-restore run with its own run directory; returns the accepted chunks.
-    The shim gets the manifest and the stream prefixes this pass must see, in full and in order."""
+    flags: RestoreFlags,
+    quiet: bool,
+) -> None:
+    """One stock qvm-backup-restore run with its own run directory and plan: every chunk under
+    `prefixes` must be accepted, in stream order, and nothing else."""
     run = Run()
     passphrase_file = run.create(secret)
-    write_private(run.dir / "manifest.json", sealed)
-    write_private(run.dir / "selection.json", json.dumps({"prefixes": prefixes}).encode())
     try:
-        res = qubes.qvm_backup_restore(cfg.backup_qube, location, str(passphrase_file), options, names)
-        if not as_json and res.stdout:
-            sys.stdout.write(qubes.printable(res.stdout.decode(errors="replace"), 100_000))
-        failure = _shim_failure(run)
+        plan = run.write_plan(found, prefixes)
+        names = [name for name, q in found.qubes.items() if q.path in prefixes]
+        host = {} if flags.verify_only else qubes.list_qubes()
+        res = qubes.qvm_backup_restore(
+            cfg.backup_qube, location, str(passphrase_file), flags, names, file_bound(plan, prefixes)
+        )
+        if not quiet and res.stdout:
+            sys.stdout.write(proc.printable(res.stdout.decode(errors="replace"), 100_000))
+        failure = run.failure()
         if failure:
             raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
-        if res.code != 0:
+        if CUT_AT_BOUND.search(res.stderr):
             raise QtbError(
-                f"qvm-backup-restore failed: {qubes.one_line(res.stderr, 'no message')}", EXIT_FAILED
-            )
-        accepted = {r.path for r in run.records() if r.op == "dec" and r.status == "ok"}
-        missing = [
-            c["path"]
-            for c in manifest["chunks"]
-            if c["path"].startswith(tuple(prefixes)) and c["path"] not in accepted
-        ]
-        if missing:
-            # Only the tail of the last file can get here (the shim refuses any earlier gap).
-            raise QtbError(
-                f"the backup qube did not serve {len(missing)} chunk(s) of the snapshot "
-                f"(first: {missing[0]}): that qube is incomplete; remove it and restore again",
+                "refused: the backup qube served a file larger than the sealed manifest allows (dom0 "
+                f"cut it at {file_bound(plan, prefixes)} bytes); nothing unverified was restored",
                 EXIT_VERIFY,
             )
-        return accepted
+        if res.code != 0:
+            raise QtbError(
+                f"qvm-backup-restore failed: {proc.one_line(res.stderr, 'no message')}", EXIT_FAILED
+            )
+        missing = plan[run.accepted() :]
+        if missing:
+            # Only the tail of the pass can get here: the shim refuses any other gap.
+            raise QtbError(
+                f"the backup qube did not serve {len(missing)} chunk(s) of the snapshot "
+                f"(first: {missing[0]['path']}): that qube is incomplete; remove it and restore again",
+                EXIT_VERIFY,
+            )
+        if not flags.verify_only:
+            confirm_restored(res.stderr, [n for n in names if n != "dom0"], host, flags.rename_conflicting)
     finally:
         run.remove()
 
 
-def run_restore(
-    cfg: Config,
-    snapshot_id: str,
-    names: list[str],
-    options: list[str],
-    verify_only: bool,
-    as_json: bool,
-    single_pass: bool = False,
-    new_system: bool = False,
-) -> dict:
-    check_snapshot_id(snapshot_id)
-    secret = load_secret()
+# The unpacker killed by SIGXFSZ at the file size bound set from the manifest (RLIMIT_FSIZE), as
+# restore.py ~l.1592-1597 reports it: "unable to read the qubes backup file LOCATION (-25): …".
+# LOCATION is the driver's own dump command; the backup qube's text only comes after it.
+CUT_AT_BOUND = re.compile(
+    rb"unable to read the qubes backup file qtb-adapter dump [0-9a-zA-Z-]+ [^\n(]*\(-25\):"
+)
+
+# What stock qvm-backup-restore logs, and still exits 0, when a qube's data did not make it
+# (qubesadmin/backup/restore.py: restore_do ~l.2039-2042, _handle_volume_data ~l.1959, ExtractWorker
+# ~l.535, ~l.645 and ~l.777, the qube creation ~l.2122).
+RESTORE_FAILURES = re.compile(
+    r"qubesadmin\.backup(\.extract)?: (Error extracting data|Failed to restore volume|Error restoring VM"
+    r"|Unexpected file in archive|Error while processing|ERROR: unable to extract files)\b.*"
+)
+
+
+def confirm_restored(stderr: bytes, names: list[str], host_before: dict, renamed: bool) -> None:
+    """After a restore pass, from dom0's side: the tool logged no lost data, and every qube it was to
+    create exists (a renamed one has a name only the tool knows)."""
+    lines = [proc.printable(ln, 300) for ln in stderr.decode("ascii", "replace").splitlines()]
+    failures = [ln for ln in lines if RESTORE_FAILURES.fullmatch(ln)]
+    if failures:
+        raise QtbError(f"qvm-backup-restore exited 0 but reported: {failures[0]}", EXIT_FAILED)
+    if renamed:
+        return
+    now = qubes.list_qubes()
+    absent = [n for n in names if n not in host_before and n not in now]
+    if absent:
+        raise QtbError(f"qvm-backup-restore exited 0 but did not create {', '.join(absent)}", EXIT_FAILED)
+
+
+def check_shim_on_path() -> None:
+    """qvm-backup-restore runs the `scrypt` first on the user's PATH: it must be the shim."""
     status = shim_install.shim_status(root())
     on_path = shutil.which("scrypt")
-    if not status.installed or on_path is None or Path(on_path).resolve() != status.shim_path.resolve():
+    if (
+        not status["installed"]
+        or on_path is None
+        or Path(on_path).resolve() != Path(status["shim"]).resolve()
+    ):
         raise QtbError(
             f"qvm-backup-restore would run {on_path or 'no scrypt'}, not the qtb-pipe shim at "
-            f"{status.shim_path} (run: qtb-pipe install-shim; check PATH)",
+            f"{status['shim']} (run: qtb-pipe install-shim; check PATH)",
             EXIT_SHIM,
         )
+
+
+def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None) -> dict:
+    """One snapshot (its qubes, or those of opts.qubes); `found`: its manifest, if already verified."""
+    check_snapshot_id(opts.snapshot)
+    secret = load_secret()
+    check_shim_on_path()
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
-    snapshot_id = resolve_snapshot_id(cfg.engine, snapshot_id)
-    sealed, manifest = fetch_manifest(adapter, snapshot_id, secret, as_json, new_system)
-    paths: dict[str, str] = manifest.get("paths") or {}
-    unknown = [n for n in names if n not in manifest.get("qubes", [])]
+    snapshot_id = resolve_snapshot_id(cfg.engine, opts.snapshot)
+    found = found or fetch_manifest(adapter, snapshot_id, secret, opts.as_json, opts.new_system)
+    unknown = [n for n in opts.qubes if n not in found.qubes]
     if unknown:
         raise QtbError(
-            f"not in snapshot {snapshot_id}: {', '.join(unknown)} "
-            f"(it has: {', '.join(manifest.get('qubes', []))})",
+            f"not in snapshot {snapshot_id}: {', '.join(unknown)} (it has: {', '.join(found.qubes)})",
             EXIT_USAGE,
         )
+    chosen = opts.qubes or list(found.qubes)
+    xml = next(c for c in found.chunks if c["path"] == shim.QUBES_XML_PATH)
+    if not qubes.qubes_xml_retrievable(xml["size"] + shim.TRAILER_SIZE):  # it would fail, saying only
+        raise QtbError(  # "unexpected files in archive: got []" (docs/qubes-facts.md R8)
+            f"snapshot {snapshot_id}: its qubes.xml ({xml['size']} bytes) is over the 1 MiB that "
+            "qvm-backup-restore accepts from a qube: restore from a local copy of the stream "
+            "(docs/emergency-restore.md)"
+        )
+    host = qubes.list_qubes()
+    broken = refuse_before_data(found.qubes, chosen, host, opts.flags)
+    skip = ({"dom0"} if opts.flags.skip_dom0_home else set()) | (
+        set(broken) if opts.flags.skip_broken else set()
+    )
+    if opts.flags.skip_conflicting and not opts.flags.verify_only:
+        skip |= set(host)  # qubes skipped for a name conflict are not retrieved at all
+    prefixes = [found.qubes[n].path for n in chosen if n not in skip]
+    if not prefixes:
+        raise QtbError(f"nothing to restore: {', '.join(chosen)} skipped (names taken, or dom0's home)")
     location = adapter.dump_location(snapshot_id)
-    if not verify_only and not single_pass:
-        # A first, verify-only pass: a backup qube that serves bad data is refused before
+    if not opts.flags.verify_only and not opts.single_pass:
+        # A verify-only pass first: a backup qube that serves bad data is refused before
         # qvm-backup-restore creates any qube (the real pass re-checks everything anyway).
-        info("qtb-pipe: pass 1/2, verifying every chunk before anything is restored", as_json)
-        everything_selected = _prefixes(manifest, names, options, conflicts=set())
-        _restore_pass(
-            cfg,
-            location,
-            secret,
-            sealed,
-            manifest,
-            names,
-            everything_selected,
-            [*options, "--verify-only"],
-            True,
-        )
-        info("qtb-pipe: pass 2/2, restoring", as_json)
+        info("qtb-pipe: pass 1/2, verifying every chunk before anything is restored", opts.as_json)
+        restore_pass(cfg, found, location, secret, prefixes, replace(opts.flags, verify_only=True), True)
+        info("qtb-pipe: pass 2/2, restoring", opts.as_json)
     else:
-        what = "verifying" if verify_only else "restoring"
+        what = "verifying" if opts.flags.verify_only else "restoring"
         info(
-            f"qtb-pipe: {what} snapshot {snapshot_id} ({cfg.engine}, backup {manifest['backup_id']})", as_json
+            f"qtb-pipe: {what} snapshot {snapshot_id} ({cfg.engine}, backup {found.backup_id})", opts.as_json
         )
-    opts = [*options, "--verify-only"] if verify_only else options
-    # qubes skipped for a name conflict are not restored, so the shim must not wait for them
-    conflicts = set(qubes.list_qubes()) if "--skip-conflicting" in options and not verify_only else set()
-    prefixes = _prefixes(manifest, names, options, conflicts)
-    accepted = _restore_pass(cfg, location, secret, sealed, manifest, names, prefixes, opts, as_json)
-    report = _per_qube(manifest, accepted, paths)
+    restore_pass(cfg, found, location, secret, prefixes, opts.flags, opts.as_json or opts.flags.verify_only)
     return {
         "snapshot": snapshot_id,
         "engine": cfg.engine,
-        "backup_id": manifest["backup_id"],
-        "verified_only": verify_only,
-        "qubes": report,
+        "backup_id": found.backup_id,
+        "verified_only": opts.flags.verify_only,
+        "qubes": per_qube_report(found, prefixes),
     }
 
 
-def _prefixes(manifest: dict, names: list[str], options: list[str], conflicts: set[str]) -> list[str]:
-    """The stream path prefixes a pass restores: the chosen qubes, less what options skip."""
-    paths: dict[str, str] = manifest.get("paths") or {}
-    skip = set(conflicts) | ({"dom0"} if "--skip-dom0-home" in options else set())
-    return [paths[n] for n in (names or list(paths)) if n in paths and n not in skip]
+def latest_copies(
+    cfg: Config, names: list[str], as_of: str | None, new_system: bool, quiet: bool
+) -> dict[str, Manifest]:
+    """Each qube's newest copy (made at or before `as_of`), as {snapshot: its verified manifest}:
+    from dom0's records, or on a new system from the repository, every manifest authenticated."""
+    adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
+    secret = load_secret()
+    newest: dict[str, tuple[str, str]] = {}  # qube -> (time, snapshot)
+    found: dict[str, Manifest] = {}
+    if new_system:
+        for snap in (s for s in adapter.snapshots() if s.state == "complete"):
+            m = found[snap.id] = fetch_manifest(adapter, snap.id, secret, True, True)
+            for qube in m.qubes if as_of is None or m.created <= as_of else ():
+                newest[qube] = max(newest.get(qube, ("", "")), (m.created, snap.id))
+    else:
+        newest = {qube: (recs[-1].time, recs[-1].id) for qube, recs in catalog(cfg.engine, as_of).items()}
+    if not newest:
+        hint = f" made by {as_of}" if as_of else ""
+        raise QtbError(
+            f"no copy of any qube{hint} in {cfg.engine} (on a new system: --new-system)", EXIT_SNAPSHOT
+        )
+    unknown = [n for n in names if n not in newest]
+    if unknown:
+        raise QtbError(
+            f"no copy of {', '.join(unknown)} (qubes with copies: {', '.join(sorted(newest))})", EXIT_USAGE
+        )
+    groups: dict[str, list[str]] = {}
+    for qube in names or newest:
+        groups.setdefault(newest[qube][1], []).append(qube)
+    manifests = {}
+    for snapshot, chosen in groups.items():
+        m = found.get(snapshot) or fetch_manifest(adapter, snapshot, secret, quiet, False)
+        manifests[snapshot] = replace(m, qubes={q: m.qubes[q] for q in chosen})
+    return manifests
 
 
-def _per_qube(manifest: dict, accepted: set[str], paths: dict[str, str]) -> dict:
+def restore_order(manifests: dict[str, Manifest]) -> list[str]:
+    """Templates first, then the qubes others use as net qube, then the rest, dom0's home last: each
+    restore then finds what its qubes need already there."""
+    netvms = {q.netvm for m in manifests.values() for q in m.qubes.values()}
+    rank = {"TemplateVM": 0, "AdminVM": 3}
+    return sorted(
+        manifests,
+        key=lambda s: min(rank.get(q.klass, 1 if n in netvms else 2) for n, q in manifests[s].qubes.items()),
+    )
+
+
+def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_of: str | None) -> dict:
+    """`restore --all` / `--qube NAME` and `verify` without a snapshot: one stock restore per snapshot
+    that holds a chosen qube's newest copy. A qube whose copy fails is reported; the others go on."""
+    manifests = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json)
+    if opts.flags.skip_dom0_home:  # dom0's home is its own snapshot: leave that one out
+        manifests = {
+            s: replace(m, qubes={n: q for n, q in m.qubes.items() if n != "dom0"})
+            for s, m in manifests.items()
+        }
+        manifests = {s: m for s, m in manifests.items() if m.qubes}
+    entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
+    refuse_before_data(entries, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
+    result: dict = {
+        "engine": cfg.engine,
+        "verified_only": opts.flags.verify_only,
+        "qubes": {},
+        "snapshots": [],
+    }
+    for snapshot in restore_order(manifests):
+        chosen = list(manifests[snapshot].qubes)
+        try:
+            done = run_restore(cfg, replace(opts, snapshot=snapshot, qubes=chosen), manifests[snapshot])
+            result["qubes"].update(
+                {q: {**r, "snapshot": snapshot, "ok": True} for q, r in done["qubes"].items()}
+            )
+        except QtbError as e:
+            result["qubes"].update(
+                {q: {"snapshot": snapshot, "ok": False, "error": str(e), "exit_code": e.code} for q in chosen}
+            )
+            info(f"qtb-pipe: {', '.join(chosen)} failed: {e}", opts.as_json)
+        result["snapshots"].append(snapshot)
+    failed = {q: r for q, r in result["qubes"].items() if not r["ok"]}
+    if failed:
+        name, first = next(iter(failed.items()))
+        message = f"{len(failed)} qube(s) failed: {', '.join(failed)} ({name}: {first['error']})"
+        raise PartialFailure(message, first["exit_code"], result)
+    return result
+
+
+def per_qube_report(found: Manifest, prefixes: list[str]) -> dict:
     report = {}
-    for name, prefix in paths.items():
-        chunks = [c for c in manifest["chunks"] if c["path"].startswith(prefix)]
-        ok = [c for c in chunks if c["path"] in accepted]
-        report[name] = {"chunks": len(chunks), "verified": len(ok), "bytes": sum(c["size"] for c in ok)}
+    for name, q in found.qubes.items():
+        chunks = found.chunks_of([q.path])
+        done = q.path in prefixes  # the pass accepted every chunk under its prefixes, or failed
+        report[name] = {
+            "chunks": len(chunks),
+            "verified": len(chunks) if done else 0,
+            "bytes": sum(c["size"] for c in chunks) if done else 0,
+        }
     return report
 
 
 def print_report(result: dict) -> None:
     verb = "verified" if result["verified_only"] else "restored"
     for name, r in result["qubes"].items():
-        if r["verified"]:
+        if r.get("ok") is False:
+            print(f"  {name:<24} FAILED: {r['error']}")
+        elif r["verified"]:
             print(f"  {name:<24} {r['verified']}/{r['chunks']} chunks {verb}, {human_bytes(r['bytes'])}")
         else:
             print(f"  {name:<24} not selected")

@@ -1,8 +1,9 @@
-"""`qtb-pipe demo`: the whole pipe on an emulated Qubes (qubes-sim), with the real engines.
+"""`qubes-sim demo` (`make demo`): all of qtb-pipe on an emulated Qubes, with the real engines.
 
 Every step is a command a user would type, run inside the emulated dom0 or backup qube:
-init, install-shim, adapter init, backup, change the qubes, incremental backup, list, verify,
-then a restore into a freshly installed world with the recovery key, and digests compared.
+init, install-shim, adapter init, a first backup of every qube, a day on which two qubes ran, a
+nightly backup that reads only those two, list, a verify of every qube's newest copy, then
+`restore --all` into a freshly installed world with the recovery key, and digests compared.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import EXIT_FAILED, QtbError
-from ..ui import human_bytes, human_duration
+from qtb_pipe.ui import human_bytes, human_duration
+
+from .world import SimError
 
 
 class Demo:
@@ -48,17 +50,16 @@ class Demo:
                 if text and cmd[-1] != "--json":
                     print("  " + text.replace("\n", "\n  "))
         if proc.returncode != 0:
-            raise QtbError(
+            raise SimError(
                 f"demo step failed ({shlex.join(cmd)}): "
-                f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}",
-                EXIT_FAILED,
+                f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
             )
         return proc
 
     def sim(self, *args: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([str(self.bin / "qubes-sim"), *args], capture_output=True)
         if proc.returncode != 0:
-            raise QtbError(f"qubes-sim {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+            raise SimError(f"qubes-sim {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
         return proc
 
     def json(self, world: Path, *cmd: str, inside: str | None = None) -> object:
@@ -105,51 +106,84 @@ def run_demo(workdir: str | None, engine_choice: str, as_json: bool, profile: st
             repo = world / "qubes/backup/home/user" / f"repo-{engine}"
             demo.say(f"\n== {engine}: repository in the backup qube, engine password kept there only")
             demo.setup_backup_qube(world, engine, repo, password)
-            first = demo.json(world, "qtb-pipe", "backup", "--engine", engine)
+            first = demo.json(world, "qtb-pipe", "backup", "--engine", engine, "--full")
             demo.say(
-                f"  full backup: {human_bytes(first['stream_bytes'])} streamed, "
+                f"  first night, every qube: {human_bytes(first['stream_bytes'])} streamed, "
                 f"{human_bytes(first['added_bytes'])} added in {human_duration(first['seconds'])}"
             )
-            demo.sim("mutate", str(world), "--percent", "2", "--seed", str(len(report["engines"]) + 11))
-            demo.say("  (2% of every volume changed, data inserted and appended, new files in dom0 home)")
-            second = demo.json(world, "qtb-pipe", "backup", "--engine", engine)
+            demo.sim(
+                "mutate",
+                str(world),
+                "work",
+                "vault",
+                "--percent",
+                "2",
+                "--seed",
+                str(len(report["engines"]) + 11),
+            )
+            demo.say("  (the day: work and vault ran and changed 2% of their volumes; the rest did not run)")
+            demo.sh(world, "qtb-pipe", "backup", "--dry-run", "--engine", engine)
+            night = demo.json(world, "qtb-pipe", "backup", "--engine", engine)
+            backed = [q for q, r in night["qubes"].items() if r["status"] == "backed up"]
             demo.say(
-                f"  incremental: {human_bytes(second['stream_bytes'])} streamed, "
-                f"{human_bytes(second['added_bytes'])} added in {human_duration(second['seconds'])}"
+                f"  the night: {', '.join(backed)} backed up, the rest unchanged: "
+                f"{human_bytes(night['stream_bytes'])} streamed, {human_bytes(night['added_bytes'])} added "
+                f"in {human_duration(night['seconds'])}"
             )
             demo.sh(world, "qtb-pipe", "list", "--engine", engine)
-            verify = demo.json(world, "qtb-pipe", "verify", second["snapshot"], "--engine", engine)
-            fresh = tmp / f"fresh-{engine}"
-            demo.say(f"\n== {engine}: restore into a freshly installed system with the recovery key")
-            demo.sim("init", str(fresh), "--bare")
-            demo.sh(fresh, "qtb-pipe", "init", "--backup-qube", "backup", "--recovery-key", recovery_key)
-            demo.sh(fresh, "qtb-pipe", "install-shim")
-            demo.setup_backup_qube(fresh, engine, repo, password)
-            demo.sh(fresh, "qtb-pipe", "restore", second["snapshot"], "--engine", engine, "--new-system")
-            expected = json.loads(demo.sim("digest", str(world), *second["qubes"], "--json").stdout)
-            got = json.loads(
-                demo.sim("digest", str(fresh), *second["qubes"], "--json", "--restored-home").stdout
+            verify = demo.json(world, "qtb-pipe", "verify", "--engine", engine)
+            demo.say(f"  verify: the newest copy of each of {len(verify['qubes'])} qubes test-restored")
+            kit = demo.json(world, "qtb-pipe", "recovery-kit", "--engine", engine)
+            demo.say(
+                "  recovery sheet (qtb-pipe recovery-kit): the recovery key, the repository, its engine "
+                "password" + (" and borg's key" if kit["key_export"] else "")
             )
+            if kit["recovery_key"].replace("-", "")[:64] != recovery_key.replace("-", "")[:64]:
+                raise SimError("demo: the recovery sheet holds another key than init showed")
+            fresh = tmp / f"fresh-{engine}"
+            demo.say(f"\n== {engine}: the laptop is lost: a fresh system and only the recovery sheet")
+            demo.sim("init", str(fresh), "--bare")
+            demo.setup_backup_qube(fresh, kit["engine"], Path(kit["repository"]), kit["password"])
+            key = kit["recovery_key"]
+            demo.sh(
+                fresh,
+                "qtb-pipe",
+                "init",
+                "--backup-qube",
+                kit["backup_qube"],
+                "--engine",
+                engine,
+                "--recovery-key",
+                key,
+            )
+            demo.sh(fresh, "qtb-pipe", "install-shim")
+            # sys-net was not backed up (include_in_backups false): restored qubes get the default net qube
+            demo.sh(
+                fresh, "qtb-pipe", "restore", "--all", "--new-system", "--ignore-missing", "--engine", engine
+            )
+            qubes = list(night["qubes"])
+            expected = json.loads(demo.sim("digest", str(world), *qubes, "--json").stdout)
+            got = json.loads(demo.sim("digest", str(fresh), *qubes, "--json", "--restored-home").stdout)
             same = expected == got
             demo.say(f"  digests of every volume and dom0-home file: {'IDENTICAL' if same else 'DIFFERENT'}")
             if not same:
-                raise QtbError(f"demo: restored world differs from the original ({engine})", EXIT_FAILED)
+                raise SimError(f"demo: restored world differs from the original ({engine})")
             report["engines"][engine] = {
-                "full": first,
-                "incremental": second,
-                "verify": {k: verify[k] for k in ("snapshot", "qubes")},
+                "first": first,
+                "night": night,
+                "backed_up_at_night": backed,
+                "verify": {k: verify[k] for k in ("snapshots", "qubes")},
                 "restore_identical": same,
-                "incremental_added_percent": round(
-                    100 * (second["added_bytes"] or 0) / second["stream_bytes"], 2
-                ),
+                "night_added_percent": round(100 * (night["added_bytes"] or 0) / first["stream_bytes"], 2),
             }
         report["seconds"] = round(time.monotonic() - started, 1)
         if not as_json:
             demo.say("\n== summary")
             for engine, r in report["engines"].items():
                 demo.say(
-                    f"  {engine:<7} full {human_bytes(r['full']['added_bytes'])} stored, incremental added "
-                    f"{r['incremental_added_percent']}% of the stream, restore byte-identical"
+                    f"  {engine:<7} first night {human_bytes(r['first']['added_bytes'])} stored; next night "
+                    f"read only {', '.join(r['backed_up_at_night'])}, added {r['night_added_percent']}% of a "
+                    "full stream; every qube verified; restore --all byte-identical"
                 )
             kept = f"; worlds and repositories kept in {tmp}" if workdir else " (--dir DIR keeps the worlds)"
             demo.say(f"  total {human_duration(report['seconds'])}{kept}")

@@ -1,0 +1,150 @@
+"""The one place dom0 runs programs. Every command line goes through `run` or `stream` (and is
+logged with -v); output that comes from another qube is bounded, and error text is reduced to
+printable ASCII before it reaches the user's terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import EXIT_FAILED, QtbError
+
+MAX_ERROR_BYTES = 64 * 1024
+VERBOSE = False  # set by the command line (-v)
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """Text that may carry bytes from the backup qube, made safe for a terminal."""
+    return re.sub(r"[^\x20-\x7e\n]", "?", text)[:limit]
+
+
+def one_line(raw: bytes, fallback: str = "") -> str:
+    """The last meaningful line of untrusted error output (progress lines skipped), bounded."""
+    lines = [printable(ln).strip() for ln in re.split(r"[\r\n]+", raw.decode("ascii", "replace"))]
+    lines = [ln for ln in lines if ln and not ln.startswith("Making a backup...")]
+    return (lines[-1] if lines else fallback)[:300]
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: bytes
+    stalled: bool = False  # stopped by `stream`'s stall watchdog
+
+
+def _log(argv: list[str]) -> None:
+    if VERBOSE:
+        print(f"qtb-pipe: + {shlex.join(argv)}", file=sys.stderr, flush=True)
+
+
+def _drain(stream, keep: bytearray, on_chunk: Callable[[bytes], None] | None = None) -> None:
+    while chunk := os.read(stream.fileno(), 65536):
+        if on_chunk is not None:
+            on_chunk(chunk)
+        keep.extend(chunk)
+        del keep[:-MAX_ERROR_BYTES]  # the end is what explains a failure
+
+
+def _limits(file_bytes: int) -> Callable[[], None]:
+    def apply() -> None:  # in the child, before exec: no file it writes may grow larger, no core dumps
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20) -> Result:
+    """Run a command, reading at most stdout_limit bytes of its output (more is refused); its stderr
+    is drained to the end in a thread, so the child can never block on it."""
+    _log(argv)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
+    err = bytearray()
+    reader = threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)
+    reader.start()
+    if input is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
+    out = proc.stdout.read(stdout_limit + 1)
+    if len(out) > stdout_limit:
+        proc.kill()
+        proc.wait()
+        raise QtbError(f"{argv[0]}: output larger than {stdout_limit} bytes, refused", EXIT_FAILED)
+    code = proc.wait()
+    reader.join()
+    return Result(code, out, bytes(err))
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except BrokenPipeError:
+        pass
+
+
+def stream(
+    argv: list[str],
+    on_stderr: Callable[[bytes], None] | None = None,
+    file_bytes: int | None = None,
+    stall_seconds: int = 0,
+) -> Result:
+    """A long-running stock tool (qvm-backup, qvm-backup-restore): stdout and the end of stderr kept,
+    each stderr chunk handed to `on_stderr` as it comes (progress). `file_bytes` caps every file the
+    tool and its children write (RLIMIT_FSIZE): restore's temporary files stay within the manifest.
+    `stall_seconds`: a tool silent on stderr that long is stopped (SIGINT, as Ctrl-C: qvm-backup then
+    cancels the backup in qubesd; SIGKILL a minute later), e.g. qubesd waiting forever on a qube."""
+    _log(argv)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=_limits(file_bytes) if file_bytes else None,
+        )
+    except FileNotFoundError:
+        raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
+    out, err = bytearray(), bytearray()
+    reader = threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True)
+    reader.start()
+    heard, stalled = [time.monotonic()], threading.Event()
+
+    def on_chunk(chunk: bytes) -> None:
+        heard[0] = time.monotonic()
+        if on_stderr:
+            on_stderr(chunk)
+
+    def watch() -> None:
+        while proc.poll() is None:
+            time.sleep(min(5, stall_seconds))
+            if time.monotonic() - heard[0] > stall_seconds and not stalled.is_set():
+                stalled.set()
+                proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(60)
+                proc.kill()
+
+    if stall_seconds:
+        threading.Thread(target=watch, daemon=True).start()
+    _drain(proc.stderr, err, on_chunk)
+    code = proc.wait()
+    reader.join()
+    return Result(code, bytes(out), bytes(err), stalled.is_set())

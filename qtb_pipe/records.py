@@ -1,0 +1,118 @@
+"""dom0's own records of committed snapshots, one file each in <state>/snapshots/, written atomically
+once dom0 has confirmed the commit. Only these are trusted for what a snapshot holds: the backup
+qube's answers never create, change or remove a record's meaning."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import state_dir, write_private
+from .errors import EXIT_CONFIG, EXIT_VERIFY, QtbError
+
+
+@dataclass
+class SnapshotRecord:
+    id: str
+    engine: str
+    backup_id: str
+    time: str  # when it was made (the manifest's `created`), ISO 8601 UTC
+    qubes: dict[str, str | None]  # each qube it holds -> its fingerprint then (None: always backed up)
+    stream_bytes: int
+    manifest_sha256: str
+
+
+def records_dir() -> Path:
+    return state_dir() / "snapshots"
+
+
+def record_path(engine: str, snapshot_id: str) -> Path:
+    return records_dir() / f"{engine}-{snapshot_id}.json"
+
+
+def load_records() -> dict[tuple[str, str], SnapshotRecord]:
+    """Every record, keyed (engine, id). A damaged one stops the command (exit 3, named): silently
+    skipping it would make its snapshot look unrecorded and its qubes' older copies the newest."""
+    out: dict[tuple[str, str], SnapshotRecord] = {}
+    folder = records_dir()
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.json")):
+        try:
+            rec = SnapshotRecord(**json.loads(path.read_text()))
+            if isinstance(rec.qubes, list):  # records of qtb-pipe 0.1 had no fingerprints
+                rec.qubes = dict.fromkeys(rec.qubes)
+            if path.name != record_path(rec.engine, rec.id).name or not isinstance(rec.qubes, dict):
+                raise ValueError
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise QtbError(
+                f"dom0 record {path} is damaged ({type(e).__name__}): move it away", EXIT_CONFIG
+            ) from None
+        out[(rec.engine, rec.id)] = rec
+    return out
+
+
+def save_record(rec: SnapshotRecord) -> None:
+    """A record of the same id with another manifest is never replaced (a backup qube answering a
+    commit with an older snapshot's id must not erase that snapshot's record)."""
+    existing = load_records().get((rec.engine, rec.id))
+    if existing is not None and existing.manifest_sha256 != rec.manifest_sha256:
+        raise QtbError(
+            f"dom0 already has a record of snapshot {rec.id} with another manifest: nothing was recorded",
+            EXIT_VERIFY,
+        )
+    write_private(record_path(rec.engine, rec.id), json.dumps(asdict(rec), indent=2).encode())
+
+
+def forget_record(engine: str, snapshot_id: str) -> None:
+    record_path(engine, snapshot_id).unlink(missing_ok=True)
+
+
+def begin_prune(engine: str, listed: set[str]) -> set[str]:
+    """Before a prune: note the complete snapshots the repository lists, with those an interrupted
+    prune had noted, so that the records of what a killed prune removed are forgotten by the next."""
+    journal = state_dir() / f"pruning-{engine}.json"
+    try:
+        noted = set(json.loads(journal.read_text())) | listed
+    except FileNotFoundError:
+        noted = set(listed)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise QtbError(f"dom0 file {journal} is damaged: move it away", EXIT_CONFIG) from None
+    write_private(journal, json.dumps(sorted(noted)).encode())
+    return noted
+
+
+def end_prune(engine: str, noted: set[str], listed: set[str]) -> set[str]:
+    """After a prune: forget the records of noted snapshots the repository no longer lists."""
+    removed = noted - listed
+    for snapshot_id in removed:
+        forget_record(engine, snapshot_id)
+    (state_dir() / f"pruning-{engine}.json").unlink(missing_ok=True)
+    return removed
+
+
+def check_records_writable() -> None:
+    """Before a commit: a snapshot committed without a dom0 record could only be restored with
+    --new-system, so make sure the record can be written first."""
+    probe = records_dir() / f".probe-{os.getpid()}"
+    try:
+        write_private(probe, b"")
+        probe.unlink()
+    except OSError as e:
+        raise QtbError(
+            f"cannot write dom0's snapshot records in {records_dir()}: {e.strerror}; nothing was backed up",
+            EXIT_CONFIG,
+        ) from None
+
+
+def catalog(engine: str, as_of: str | None = None) -> dict[str, list[SnapshotRecord]]:
+    """The per-qube view of dom0's records (one engine): every qube's copies, oldest first (only
+    those made at or before `as_of`, an ISO time, when given). dom0's home is the qube "dom0"."""
+    copies: dict[str, list[SnapshotRecord]] = {}
+    for rec in sorted(load_records().values(), key=lambda r: r.time):
+        if rec.engine == engine and (as_of is None or rec.time <= as_of):
+            for qube in rec.qubes:
+                copies.setdefault(qube, []).append(rec)
+    return copies

@@ -1,0 +1,96 @@
+"""`make dist`: the release is what it says (reproducible dom0 tarball, an RPM with only dom0's files,
+sums that check), and the dom0 installer leaves dom0 as it was when it removes itself."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP / "scripts"))
+import dist  # noqa: E402 - scripts/ is not a package
+
+
+@pytest.fixture(scope="module")
+def built() -> Path:
+    subprocess.run([sys.executable, str(TOP / "scripts/dist.py")], check=True, capture_output=True, cwd=TOP)
+    return TOP / "dist"
+
+
+def test_dom0_tarball_is_the_same_bytes_from_the_same_commit(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    first, second = dist.dom0_tarball(a, "9.9"), dist.dom0_tarball(b, "9.9")
+    assert first.read_bytes() == second.read_bytes()
+    with tarfile.open(first) as tar:
+        names = tar.getnames()
+        assert all(m.uid == 0 and m.mtime == dist.commit_time() for m in tar.getmembers())
+    assert "qtb-pipe-dom0-9.9/scrypt_shim/shim.py" in names
+    assert not [n for n in names if n.split("/")[1] in ("adapters", "qubes_sim", "tests", "benchmarks")]
+
+
+def test_rpm_holds_dom0_code_shim_units_and_docs_and_nothing_else(built: Path):
+    (rpm,) = built.glob("*.rpm")
+    files = set(
+        subprocess.run(["rpm", "-qlp", str(rpm)], capture_output=True, text=True, check=True).stdout.split()
+    )
+    code = {
+        f"/usr/lib/qtb-pipe/{p}" for p in dist.tracked(("qtb_pipe/", "scrypt_shim/")) if p.endswith(".py")
+    }
+    docs = {f"/usr/share/doc/qtb-pipe/{p}" for p in dist.tracked(("docs/", "README.md")) if p.endswith(".md")}
+    units = {f"/usr/lib/systemd/system/qtb-pipe-backup@.{kind}" for kind in ("service", "timer")}
+    programs = {"/usr/bin/qtb-pipe", "/usr/libexec/qtb-pipe/notify-failure"}
+    folders = {f for f in files if not Path(f).suffix and f not in programs}  # directories the package owns
+    assert files - folders == code | docs | units | programs
+    assert all(
+        f.startswith(("/usr/lib/qtb-pipe", "/usr/share/doc/qtb-pipe", "/usr/libexec/qtb-pipe"))
+        for f in folders
+    )
+    scripts = subprocess.run(
+        ["rpm", "-qp", "--scripts", str(rpm)], capture_output=True, text=True, check=True
+    )
+    assert "uninstall-shim" in scripts.stdout  # removing the package takes the shim away too
+
+
+def test_sha256sums_cover_every_artifact(built: Path):
+    listed = dict(reversed(line.split("  ")) for line in (built / "SHA256SUMS").read_text().splitlines())
+    artifacts = {p.name for p in built.iterdir() if p.name != "SHA256SUMS"}
+    assert set(listed) == artifacts and {Path(n).suffix for n in artifacts} == {".gz", ".rpm", ".whl"}
+    for name, digest in listed.items():
+        assert hashlib.sha256((built / name).read_bytes()).hexdigest() == digest
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_installer_and_uninstall_leave_dom0_as_it_was(tmp_path: Path):
+    dom0 = tmp_path / "dom0"
+    (dom0 / "usr/local/bin").mkdir(parents=True)
+    (dom0 / "usr/local/bin/someone-elses").write_text("#!/bin/sh\n")
+    before = tree(dom0)
+    script = TOP / "packaging/dom0/install-dom0.sh"
+    args = ["--destdir", str(dom0), "--prefix", "/usr/local", "--unitdir", "/etc/systemd/system"]
+    subprocess.run(["sh", str(script), *args], check=True, capture_output=True)
+    unit = (dom0 / "etc/systemd/system/qtb-pipe-backup@.service").read_text()
+    documentation = re.search(r"^Documentation=file://(\S+)$", unit, re.M)[1]
+    assert (dom0 / documentation.lstrip("/")).is_file()  # the unit's Documentation= exists
+    exec_start = re.search(r"^\s+(/\S+/qtb-pipe) backup$", unit, re.M)[1]
+    assert (dom0 / exec_start.lstrip("/")).is_file()
+    wrapper = (dom0 / "usr/local/bin/qtb-pipe").read_text()
+    assert 'sys.path.insert(0, "/usr/local/lib/qtb-pipe")' in wrapper  # where it will be, not the destdir
+    # the installed copy runs on its own: no source tree, no venv, only the system's python3 -I
+    lib = str(dom0 / "usr/local/lib/qtb-pipe")
+    code = f"import sys; sys.path.insert(0, {lib!r}); from qtb_pipe.cli import main; main(['--version'])"
+    version = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert version.stdout.startswith("qtb-pipe "), version.stderr
+    subprocess.run(["sh", str(script), "--uninstall", *args], check=True, capture_output=True)
+    assert tree(dom0) == before

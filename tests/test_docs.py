@@ -1,0 +1,42 @@
+"""Lists that exist twice, pinned: the exit codes in the docs and in the code, the command reference
+and the parser it is generated from."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from qtb_adapters.errors import ExitCode
+
+from qtb_pipe import errors
+from qtb_pipe.adapter import ADAPTER_EXIT
+from qtb_pipe.cli import EPILOG
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import gen_commands_doc  # noqa: E402
+
+
+def test_commands_doc_is_what_the_parser_says():
+    assert (ROOT / "docs/commands.md").read_text() == gen_commands_doc.render(), (
+        "docs/commands.md is stale: run .venv/bin/python scripts/gen_commands_doc.py"
+    )
+
+
+def test_qtb_pipe_exit_codes_in_help_match_the_code():
+    codes = sorted(v for k, v in vars(errors).items() if k.startswith("EXIT_"))
+    listed = [int(n) for n in re.findall(r"(?:codes: |, )([0-9]+) ", EPILOG.replace("\n", " "))]
+    assert listed == codes == list(range(len(codes)))
+
+
+def test_adapter_exit_table_matches_the_code():
+    text = (ROOT / "docs/adapters.md").read_text()
+    rows = re.findall(r"^\| ([0-9]+|128\+n) \| ", text, flags=re.M)
+    assert rows == [str(int(c)) for c in ExitCode] + ["128+n"]
+
+
+def test_dom0_knows_every_adapter_failure_code():
+    failures = {int(c) for c in ExitCode} - {ExitCode.OK, ExitCode.OTHER, ExitCode.USAGE, ExitCode.BAD_INPUT}
+    # usage and bad input are dom0's own mistakes or a hostile stream: the adapter's line is shown as is
+    assert failures <= set(ADAPTER_EXIT), failures - set(ADAPTER_EXIT)

@@ -1,0 +1,351 @@
+"""Nothing lost, nothing falsely complete: hostile adapter answers, faults, bad config, dom0 limits.
+
+Each case goes through the real commands on a private copy of a backed-up world (conftest
+`backed_up`); a hostile backup qube is tests/attacker.py in front of the real adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from drivertools import install_attacker, mutate, qtb, qtb_json, remove_attacker
+from simtools import Sim
+
+
+def records(world: Sim) -> dict[str, dict]:
+    folder = world.dom0 / "var/lib/qtb-pipe/snapshots"
+    return {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+
+def complete_ids(world: Sim) -> set[str]:
+    return {r["id"] for r in qtb_json(world, "list")["snapshots"] if r["state"] == "complete"}
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    """The error: one line, the last on stderr (progress notes may come before it)."""
+    text = proc.stderr.decode()
+    assert proc.returncode == code, text
+    errors = [line for line in text.splitlines() if re.match(r"qtb-(pipe|adapter)( [a-z-]+)?: error", line)]
+    assert len(errors) == 1 and text.endswith(errors[0] + "\n") and "Traceback" not in text, text
+    return errors[0]
+
+
+@contextmanager
+def mounted(target: Path, *options: str) -> Iterator[None]:
+    """A mount for the test's duration (tests run as root, as CI does), always undone."""
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *options, str(target)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True, capture_output=True)
+
+
+def test_lying_commit_answers_are_never_recorded(backed_up, engine):
+    world, old = backed_up.world, backed_up.snapshots["work"]
+    before, listed = records(world), complete_ids(world)
+    mutate(world, "work")
+    # a commit that "succeeds" but stored nothing, and one that names the older snapshot
+    for answer in ({"id": "f" * 64}, {"id": old}):
+        install_attacker(world, {"answer": {"commit": answer}})
+        text = one_line_error(qtb(world, "backup", "work", check=False), 5)
+        assert "nothing was recorded" in text, text
+        assert records(world) == before  # the older record is untouched, nothing invented
+    remove_attacker(world)
+    assert complete_ids(world) == listed
+    qtb(world, "verify", old)  # the genuine older snapshot still restores through qtb-pipe
+
+
+def test_negative_or_odd_keep_values_are_refused_on_both_sides(backed_up, engine):
+    world = backed_up.world
+    for value in ("-1", "1.5", "x"):
+        one_line_error(qtb(world, "prune", "--keep-daily", value, check=False), 2)
+        proc = world.run("qtb-adapter", "prune", "--keep-daily", value, inside="backup")
+        one_line_error(proc, 2)
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    good = config.read_text()
+    config.write_text(good.replace("keep_daily = 7", "keep_daily = -1"))
+    assert "retention.keep_daily" in one_line_error(qtb(world, "prune", check=False), 3)
+    config.write_text(good)
+    assert complete_ids(world) == set(backed_up.snapshots.values())  # nothing was removed
+
+
+def test_prune_works_right_after_a_restore(backed_up, engine):
+    """restic dump cut off by tar2qfile leaves stale locks; prune must not fail on them."""
+    world = backed_up.world
+    mutate(world, "vault")
+    newer = qtb_json(world, "backup", "vault")["qubes"]["vault"]["snapshot"]
+    qtb(world, "verify", backed_up.snapshots["vault"])  # two restore passes' worth of cut-off dumps
+    result = qtb_json(world, "prune", "--keep-last", "1")
+    assert result["removed"] == [backed_up.snapshots["vault"]] and result["qubes"]["vault"]["remaining"] == [
+        newer
+    ]
+    qtb(world, "backup", "--full", "vault")  # and a backup after it
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('backup_qube = ["backup"]', "backup_qube"),
+        ('include = "work"', "include"),
+        ("exclude = 5", "exclude"),
+        ("exclude = [5]", "exclude"),
+        ('start_backup_qube = "no"', "start_backup_qube"),
+        ('adapter_command = ["qtb-adapter"]', "adapter_command"),
+    ],
+)
+def test_wrongly_typed_config_values_name_the_key(world: Sim, line: str, key: str):
+    qtb(world, "init", "--backup-qube", "backup")
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    lines = [ln for ln in config.read_text().splitlines() if not ln.startswith(f"{key} =")]
+    at = lines.index("[retention]")
+    config.write_text("\n".join([*lines[:at], line, *lines[at:]]) + "\n")
+    assert key in one_line_error(qtb(world, "backup", check=False), 3)
+
+
+def test_retention_as_a_number_is_a_config_error(world: Sim):
+    qtb(world, "init", "--backup-qube", "backup")
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    config.write_text(config.read_text().split("[retention]")[0] + "retention = 5\n")
+    assert "retention" in one_line_error(qtb(world, "prune", check=False), 3)
+
+
+def test_read_only_records_directory_stops_the_backup_before_the_commit(backed_up, engine):
+    world = backed_up.world
+    snapshots = world.dom0 / "var/lib/qtb-pipe/snapshots"
+    with mounted(snapshots, "--bind", "-o", "ro", str(snapshots)):
+        text = one_line_error(qtb(world, "backup", "--full", "vault", check=False), 3)
+    assert "snapshot records" in text
+    assert complete_ids(world) == set(backed_up.snapshots.values())  # nothing committed without a record
+
+
+@pytest.mark.parametrize("engine", ["restic", "borg"])
+def test_full_backup_qube_says_so_on_every_run(world: Sim, engine: str):
+    from drivertools import setup_qtb
+
+    repo = world.qube_home("backup") / "small-fs"
+    with mounted(repo, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
+        setup_qtb(world, engine, repo / "repo")
+        for _ in range(2):  # the second run lost its reason before
+            before = {q: r["latest"] for q, r in qtb_json(world, "list")["qubes"].items()}
+            proc = qtb(world, "backup", "--json", "debian-12", "work", check=False)
+            text = one_line_error(proc, 1)
+            assert "ran out of space" in text, text
+            failed = {q for q, r in json.loads(proc.stdout)["qubes"].items() if r["status"] == "failed"}
+            after = {q: r["latest"] for q, r in qtb_json(world, "list")["qubes"].items()}
+            assert failed and all(after.get(q) == before.get(q) for q in failed)  # no new copy of those
+
+
+def test_hostile_check_and_prune_answers(backed_up, engine):
+    world = backed_up.world
+    install_attacker(world, {"answer": {"check": {"ok": False, "output": "bad"}}})
+    assert "did not pass" in one_line_error(qtb(world, "check", check=False), 1)
+    for answer in ({"remove": "all"}, {"remove": [1]}, ["x"], {"remove": ["bad id!"]}):
+        install_attacker(world, {"answer": {"prune": answer}})
+        one_line_error(qtb(world, "prune", "--keep-last", "1", "--dry-run", check=False), 1)
+
+
+def test_secret_problems_are_config_errors(backed_up, engine):
+    world = backed_up.world
+    secret = world.dom0 / "etc/qtb-pipe/secret"
+    secret.chmod(0o644)
+    assert "chmod 600" in one_line_error(qtb(world, "backup", check=False), 3)
+    secret.unlink()
+    secret.mkdir()
+    one_line_error(qtb(world, "backup", check=False), 3)
+
+
+def test_every_command_removes_dead_runs_directories_and_keeps_live_ones(backed_up, engine):
+    world = backed_up.world
+    runs = world.dom0 / "var/lib/qtb-pipe/runs"
+    dead, live, staging = runs / ("d" * 32), runs / ("e" * 32), runs / f".new-{'f' * 32}"
+    for d in (dead, live, staging):  # staging: its process died inside Run.create (mkdir .. rename)
+        d.mkdir(parents=True)
+        (d / "lock").touch()
+    (dead / "passphrase").write_text("qtb1:...:secret\n")
+    holder = os.open(live / "lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a run still in progress
+    creating = os.open(runs.parent / "runs.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(creating, fcntl.LOCK_SH)  # a live Run.create: the scan waits for it
+    try:
+        lister = subprocess.Popen(["qubes-sim", "run", str(world.root), "--", "qtb-pipe", "list"])
+        time.sleep(0.5)
+        assert lister.poll() is None and dead.exists()
+        os.close(creating)
+        assert lister.wait() == 0
+        assert not dead.exists() and not staging.exists() and live.exists()
+    finally:
+        os.close(holder)
+    qtb(world, "list")
+    assert not live.exists()
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_an_oversized_member_never_fills_dom0s_disk(backed_up, engine):
+    """14.4: the driver passes --ignore-size-limit (qubes.xml's backup-size is wrong for an uncompressed
+    stream), so dom0's bound is RLIMIT_FSIZE on qvm-backup-restore and its unpacker, from the sealed
+    manifest: a member served far larger than sealed is cut there, before the shim even sees it."""
+    world = backed_up.world
+    snapshot = backed_up.snapshots["work"]
+    body = json.loads(world.run("qtb-adapter", "manifest", snapshot, inside="backup", check=True).stdout)
+    sealed = max(c["size"] for c in body["manifest"]["chunks"])
+    install_attacker(world, {"inflate": "vm3/private.img.000.enc", "to": 256 * 2**20})
+    temp, largest, done = world.dom0 / "var/tmp", [0], threading.Event()
+
+    def watch() -> None:  # the biggest file dom0's restore temp directory ever held
+        while not done.is_set():
+            for folder, _, names in os.walk(temp):  # os.walk skips what vanishes under it
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        largest[0] = max(largest[0], os.stat(os.path.join(folder, name)).st_size)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        verify = qtb(world, "verify", snapshot, check=False)
+        # stock restore only logs the cut and exits 0 (restore.py ~l.2039-2042): dom0 still says it
+        restore = qtb(world, "restore", snapshot, "--rename-conflicting", "--single-pass", check=False)
+    finally:
+        done.set()
+        watcher.join()
+    for proc in (verify, restore):
+        assert "larger than the sealed manifest allows" in one_line_error(proc, 5)
+    assert 0 < largest[0] <= sealed + 2**20, (
+        f"dom0 held a {largest[0]}-byte file; the manifest allows {sealed}"
+    )
+    assert not any(temp.iterdir())  # and nothing is left behind
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_volume_import_that_fails_is_a_failed_restore(backed_up, engine):
+    """13.2: stock qvm-backup-restore logs a refused volume import and exits 0; dom0 says it failed."""
+    world = backed_up.world
+    target = world.dom0 / "var/lib/qubes/appvms/work-1"  # where the renamed copy's volumes go
+    with mounted(target, "-t", "tmpfs", "-o", "size=64k", "tmpfs"):
+        proc = qtb(world, "restore", "--qube", "work", "--rename-conflicting", "--single-pass", check=False)
+    error = one_line_error(proc, 1)
+    assert "exited 0 but reported" in error and "Failed to restore volume private" in error, error
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_backup_that_stalls_is_stopped_and_commits_nothing(backed_up, engine):
+    """13.6: real backup_do can wait on the backup qube forever; stall_timeout stops it."""
+    world = backed_up.world
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    config.write_text(config.read_text().replace("stall_timeout = 1800", "stall_timeout = 3"))
+    before = complete_ids(world)
+    install_attacker(world, {"stall": "store", "seconds": 40})
+    mutate(world, "work")
+    started = time.monotonic()
+    proc = qtb(world, "backup", "work", check=False)
+    assert time.monotonic() - started < 35  # not the 40 s the backup qube would have hung
+    assert "made no progress for 3 s (stall_timeout)" in one_line_error(proc, 1)
+    remove_attacker(world)
+    assert complete_ids(world) == before
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_qubes_xml_over_the_retrieval_cap_is_said_at_backup_and_before_restore(backed_up, engine):
+    """13.6: qvm-backup-restore fetches qubes.xml from a qube under a fixed 1 MiB cap and then says
+    only "unexpected files in archive: got []" (docs/qubes-facts.md R8)."""
+    from qubes_sim.world import World
+
+    world = backed_up.world
+    sim = World(world.root)
+    host = sim.load_qubes()
+    host["vault"].features["big-note"] = "x" * (1100 * 1024)  # a qubes.xml over 1 MiB, uncompressed
+    sim.save_qubes(host)
+    done = qtb_json(world, "backup", "vault")
+    assert any("over the 1 MiB" in w for w in done["warnings"])
+    proc = qtb(world, "restore", "--qube", "vault", "--rename-conflicting", check=False)
+    assert "is over the 1 MiB that qvm-backup-restore accepts" in one_line_error(proc, 1)
+    assert b"pass 1/2" not in proc.stderr  # said before any data is read
+
+
+def start(world: Sim, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["qubes-sim", "run", str(world.root), "--", "qtb-pipe", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: a kill takes qvm-backup-restore along, as a crash
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    proc.communicate()
+
+
+def test_kills_during_restore_and_prune_leave_everything_usable(backed_up, engine):
+    world = backed_up.world
+    restore = start(world, "restore", "--qube", "work", "--rename-conflicting")
+    for line in restore.stderr:
+        if b"pass 2/2" in line:  # killed while qvm-backup-restore creates and fills work-1
+            kill_group(restore)
+            break
+    assert restore.wait() != 0
+    for _ in range(2):  # two more copies of work: something for prune to remove
+        mutate(world, "work", seed=len(complete_ids(world)))
+        qtb(world, "backup", "work")
+    prune = start(world, "prune", "--keep-last", "1")
+    time.sleep(1.5)  # in the middle of it (restic forget/prune, borg prune/compact in the backup qube)
+    kill_group(prune)
+    qtb_json(world, "list")  # any command removes the dead runs' directories (they hold the secret)
+    assert not list((world.dom0 / "var/lib/qtb-pipe/runs").iterdir())
+    done = qtb_json(world, "prune", "--keep-last", "1")  # stale locks of the killed ones do not block it
+    assert all(len(q["remaining"]) == 1 for q in done["qubes"].values()), done
+    qtb(world, "check")
+    before = set(world.digest()["qubes"])  # a work-1 the killed restore left, or none
+    restored = qtb_json(world, "restore", "--qube", "work", "--rename-conflicting", "--single-pass")
+    (name,) = set(world.digest()["qubes"]) - before
+    assert restored["qubes"]["work"]["ok"]
+    assert world.digest(name)["qubes"][name]["files"] == world.digest("work")["qubes"]["work"]["files"]
+
+
+def test_a_prune_whose_answer_is_lost_has_its_records_forgotten_by_the_next(backed_up, engine):
+    """The backup qube removed snapshots but dom0 never heard (killed, qube shut down): dom0 noted
+    what was listed before, so the next prune forgets the records of what is gone."""
+    world = backed_up.world
+    for seed in (31, 32):
+        mutate(world, "work", seed=seed)
+        qtb(world, "backup", "work")
+    install_attacker(world, {"lose_answer": "prune"})
+    qtb(world, "prune", "--keep-last", "1", check=False)
+    remove_attacker(world)
+    listed = qtb_json(world, "list")
+    assert listed["qubes"]["work"]["copies"] == 3  # the records stay: dom0 was not told
+    present = {r["id"] for r in listed["snapshots"] if r["state"] == "complete"}
+    lost = {r["id"] for r in records(world).values()} - present
+    assert lost  # the real prune did remove old copies of work
+    done = qtb_json(world, "prune", "--keep-last", "1")
+    assert lost <= set(done["removed"]) and not lost & {r["id"] for r in records(world).values()}
+    assert all(len(q["remaining"]) == 1 for q in done["qubes"].values()), done
+    assert all(q["in_repository"] for q in qtb_json(world, "list")["qubes"].values())
+
+
+def test_two_backups_at_once_both_commit_or_say_why(backed_up, engine):
+    world = backed_up.world
+    mutate(world, "work", "vault", seed=21)
+    runs = {q: start(world, "backup", q, "--json") for q in ("work", "vault")}
+    results = {q: (p.wait(), *p.communicate()) for q, p in runs.items()}
+    latest = {q: r["latest"] for q, r in qtb_json(world, "list")["qubes"].items()}
+    for qube, (code, out, err) in results.items():
+        if code == 0:
+            assert latest[qube] == json.loads(out)["qubes"][qube]["snapshot"]
+        else:  # e.g. borg's repository lock: one line, and the qube's old copy stays the newest
+            assert latest[qube] == backed_up.snapshots[qube] and b"Traceback" not in err, err
+    assert any(code == 0 for code, _, _ in results.values())
+    verified = qtb_json(world, "verify")
+    assert all(q["ok"] for q in verified["qubes"].values())
