@@ -31,7 +31,7 @@ everything = qubes.list_qubes()
 names = select_qubes(cfg, everything, [], []).included
 unit = backup_unit(cfg, Adapter(cfg.backup_qube, cfg.engine), load_secret(), qube_entries(everything, names),
                    dict.fromkeys(names), Progress("whole system", False))
-print(json.dumps({"snapshot": unit.snapshot, "stream_bytes": unit.stream_bytes}))
+print(json.dumps({"snapshot": unit["snapshot"], "stream_bytes": unit["stream_bytes"]}))
 """
 
 

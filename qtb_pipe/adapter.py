@@ -189,10 +189,6 @@ class Adapter:
                 EXIT_SNAPSHOT,
             ) from None
 
-    def drop_pending(self, run_id: str | None = None) -> None:
-        args = ["drop-pending", "--engine", self.engine] + (["--run", run_id] if run_id else [])
-        self._call(*args)
-
     def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str]) -> Any:
         args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}"]
         for key, value in retention.items():

@@ -12,30 +12,11 @@ import traceback
 from typing import NoReturn
 
 from . import __version__, proc
+from .actions import manage, setup
 from .actions.backup import run_backup
-from .actions.manage import print_list, print_prune, run_check, run_list, run_prune
 from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
-from .actions.setup import (
-    print_config_check,
-    print_init,
-    print_recovery_kit,
-    run_config_check,
-    run_init,
-    run_recovery_kit,
-)
 from .config import ENGINES, RETENTION_KEYS, load_config, root
-from .errors import (
-    EXIT_CONFIG,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_QUBE,
-    EXIT_SHIM,
-    EXIT_SNAPSHOT,
-    EXIT_USAGE,
-    EXIT_VERIFY,
-    PartialFailure,
-    QtbError,
-)
+from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_SHIM, EXIT_USAGE, HINTS, PartialFailure, QtbError
 from .qubes import RestoreFlags
 from .runs import cleanup_stale_runs
 from .shim_install import DEFAULT_PREFIX, install_shim, shim_status, uninstall_shim
@@ -67,7 +48,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_config(args: argparse.Namespace) -> dict:
-    result = run_config_check()
+    result = setup.run_config_check()
     if result["errors"]:  # backup would refuse: not exit 0
         raise PartialFailure(f"{len(result['errors'])} error(s) in the configuration", EXIT_CONFIG, result)
     return result
@@ -133,7 +114,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
 def cmd_verify(args: argparse.Namespace) -> dict:
     args.qubes, args.qube = [], None
     result = _restore(args, True)
-    result["engine_check"] = run_check(_config(args), args.read_data_subset)["adapter"]
+    result["engine_check"] = manage.run_check(_config(args), args.read_data_subset)["adapter"]
     return result
 
 
@@ -209,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(
         "init",
-        lambda a: run_init(a.backup_qube, a.engine or "restic", a.force, a.recovery_key),
+        lambda a: setup.run_init(a.backup_qube, a.engine or "restic", a.force, a.recovery_key),
         "write the dom0 config and generate the backup secret (shown once as a recovery key)",
-        show=print_init,
+        show=setup.print_init,
     )
     s.add_argument("--backup-qube", default="backup", help="the qube that runs qtb-adapter (default: backup)")
     s.add_argument("--engine", choices=ENGINES, help="default engine (default: restic)")
@@ -222,18 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         cmd_config,
         "config check: which qubes will be backed up, which not and why, warnings",
-        show=print_config_check,
+        show=setup.print_config_check,
     )
     s.add_argument("action", choices=["check"])
 
     s = add(
         "recovery-kit",
-        lambda a: run_recovery_kit(_config(a), a.output),
+        lambda a: setup.run_recovery_kit(_config(a), a.output),
         "the recovery sheet: recovery key, repository, engine password (and borg's key), restore steps",
         "Everything a new system needs after the laptop is lost, on one printable sheet: dom0's recovery "
         "key, and from the backup qube (qtb-adapter recovery-info) the repository's location, the engine "
         "password and borg's key. Keep it offline.",
-        show=print_recovery_kit,
+        show=setup.print_recovery_kit,
     )
     s.add_argument("--engine", choices=ENGINES)
     s.add_argument("-o", "--output", metavar="FILE", help="write the sheet to FILE (mode 0600), not stdout")
@@ -241,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     shim_commands = {  # name: (function of (root, prefix), help, printer)
         "install-shim": (install_shim, "install the shim next to the real scrypt", print_installed),
         "uninstall-shim": (uninstall_shim, "remove the shim, nothing else", print_uninstalled),
-        "shim-status": (
-            cmd_shim_status,
-            "is the shim installed, and would qubesd use it?",
-            print_shim_status,
-        ),
+        "shim-status": (cmd_shim_status, "is the shim installed and would qubesd use it?", print_shim_status),
     }
     for name, (func, text, show) in shim_commands.items():
         s = add(name, lambda a, f=func: f(root(), a.prefix), text, show=show)
@@ -326,18 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(
         "list",
-        lambda a: run_list(_config(a), a.qube),
+        lambda a: manage.run_list(_config(a), a.qube),
         "each qube's newest copy, age and count; the snapshots and dom0's record of them",
-        show=print_list,
+        show=manage.print_list,
     )
     s.add_argument("--engine", choices=ENGINES)
     s.add_argument("--qube", metavar="NAME", help="also the history of this qube's copies")
 
     s = add(
         "prune",
-        lambda a: run_prune(_config(a), {k: getattr(a, k) for k in RETENTION_KEYS}, a.dry_run),
+        lambda a: manage.run_prune(_config(a), {k: getattr(a, k) for k in RETENTION_KEYS}, a.dry_run),
         "forget old complete snapshots by retention, then the engine's cleanup",
-        show=print_prune,
+        show=manage.print_prune,
     )
     s.add_argument("--engine", choices=ENGINES)
     for key in RETENTION_KEYS:
@@ -346,25 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(
         "check",
-        lambda a: run_check(_config(a), a.read_data_subset),
+        lambda a: manage.run_check(_config(a), a.read_data_subset),
         "the engine's integrity check of the repository",
         show=print_check,
     )
     s.add_argument("--engine", choices=ENGINES)
     s.add_argument("--read-data-subset", metavar="N%|n/t", type=data_subset)
     return p
-
-
-# What to do next, per exit code: the `hint` of a JSON error (the line on stderr says what happened)
-HINTS = {
-    EXIT_FAILED: "see docs/troubleshooting.md",
-    EXIT_USAGE: "see qtb-pipe --help",
-    EXIT_CONFIG: "run qtb-pipe init, or fix what `qtb-pipe config check` names",
-    EXIT_SNAPSHOT: "qtb-pipe list shows the snapshots and each qube's copies",
-    EXIT_VERIFY: "the backup qube served data that does not verify: see docs/security.md",
-    EXIT_QUBE: "check the backup qube and its adapter: docs/troubleshooting.md",
-    EXIT_SHIM: "run qtb-pipe install-shim; qtb-pipe shim-status shows what qubesd runs",
-}
 
 
 def fail(message: str, code: int, as_json: bool, result: dict | None = None, prefix: str = "error") -> int:

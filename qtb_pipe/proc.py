@@ -43,9 +43,16 @@ class Result:
     stalled: bool = False  # stopped by `stream`'s stall watchdog
 
 
-def _log(argv: list[str]) -> None:
+def _spawn(argv: list[str], stdin: int, preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+    """Every child dom0 starts: logged with -v; stdout and stderr are pipes."""
     if VERBOSE:
         print(f"qtb-pipe: + {shlex.join(argv)}", file=sys.stderr, flush=True)
+    try:
+        return subprocess.Popen(
+            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec
+        )
+    except FileNotFoundError:
+        raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
 
 
 def _drain(stream, keep: bytearray, on_chunk: Callable[[bytes], None] | None = None) -> None:
@@ -67,16 +74,7 @@ def _limits(file_bytes: int) -> Callable[[], None]:
 def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20) -> Result:
     """Run a command, reading at most stdout_limit bytes of its output (more is refused); its stderr
     is drained to the end in a thread, so the child can never block on it."""
-    _log(argv)
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
+    proc = _spawn(argv, subprocess.PIPE if input is not None else subprocess.DEVNULL)
     err = bytearray()
     reader = threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)
     reader.start()
@@ -111,17 +109,7 @@ def stream(
     tool and its children write (RLIMIT_FSIZE): restore's temporary files stay within the manifest.
     `stall_seconds`: a tool silent on stderr that long is stopped (SIGINT, as Ctrl-C: qvm-backup then
     cancels the backup in qubesd; SIGKILL a minute later), e.g. qubesd waiting forever on a qube."""
-    _log(argv)
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=_limits(file_bytes) if file_bytes else None,
-        )
-    except FileNotFoundError:
-        raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
+    proc = _spawn(argv, subprocess.DEVNULL, _limits(file_bytes) if file_bytes else None)
     out, err = bytearray(), bytearray()
     reader = threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True)
     reader.start()

@@ -66,10 +66,6 @@ def save_record(rec: SnapshotRecord) -> None:
     write_private(record_path(rec.engine, rec.id), json.dumps(asdict(rec), indent=2).encode())
 
 
-def forget_record(engine: str, snapshot_id: str) -> None:
-    record_path(engine, snapshot_id).unlink(missing_ok=True)
-
-
 def begin_prune(engine: str, listed: set[str]) -> set[str]:
     """Before a prune: note the complete snapshots the repository lists, with those an interrupted
     prune had noted, so that the records of what a killed prune removed are forgotten by the next."""
@@ -88,7 +84,7 @@ def end_prune(engine: str, noted: set[str], listed: set[str]) -> set[str]:
     """After a prune: forget the records of noted snapshots the repository no longer lists."""
     removed = noted - listed
     for snapshot_id in removed:
-        forget_record(engine, snapshot_id)
+        record_path(engine, snapshot_id).unlink(missing_ok=True)
     (state_dir() / f"pruning-{engine}.json").unlink(missing_ok=True)
     return removed
 

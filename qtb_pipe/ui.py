@@ -1,4 +1,4 @@
-"""Terminal output: human sizes, a progress line (percent, rate, ETA), --json printing."""
+"""Terminal output: human sizes, a progress line (percent, ETA), --json printing."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ def human_bytes(n: int | float | None) -> str:
     if n is None:
         return "?"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
@@ -41,11 +41,9 @@ def print_json(data: Any) -> None:
 class Progress:
     """A one-line progress display on a terminal; silent when stderr is not a terminal or --json."""
 
-    def __init__(self, label: str, enabled: bool, total_bytes: int | None = None) -> None:
-        self.label, self.total = label, total_bytes
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.last_draw = 0.0
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled and sys.stderr.isatty()
+        self.start, self.last_draw = time.monotonic(), 0.0
 
     def update(self, percent: float) -> None:
         if not self.enabled:
@@ -56,8 +54,6 @@ class Progress:
         self.last_draw = now
         elapsed = now - self.start
         parts = [f"{self.label}: {percent:5.1f}%"]
-        if self.total and elapsed > 0:
-            parts.append(f"{human_bytes(self.total * percent / 100 / elapsed)}/s")
         if 0 < percent < 100:
             parts.append(f"ETA {human_duration(elapsed * (100 - percent) / percent)}")
         sys.stderr.write("\r" + "  ".join(parts) + "\x1b[K")

@@ -92,15 +92,13 @@ def check_run(records: list[ShimRecord], stored: list[Member]) -> str:
     if len(ids) != 1 or None in ids:
         raise QtbError("shim records disagree on the backup id", EXIT_FAILED)
     expected = expected_members(enc)
-    if [(m.name, m.size) for m in expected] != [(m.name, m.size) for m in stored]:
-        diff = next(
-            (
-                f"{e.name} ({e.size}) vs stored {s.name} ({s.size})"
-                for e, s in zip(expected, stored, strict=False)
-                if (e.name, e.size) != (s.name, s.size)
-            ),
-            f"{len(expected)} members made, {len(stored)} stored",
-        )
+    if expected != stored:  # Members compare by name and size
+        diffs = [
+            f"{e.name} ({e.size}) vs stored {s.name} ({s.size})"
+            for e, s in zip(expected, stored, strict=False)
+            if e != s
+        ]
+        diff = diffs[0] if diffs else f"{len(expected)} members made, {len(stored)} stored"
         raise QtbError(f"what the backup qube stored does not match what dom0 sent: {diff}", EXIT_FAILED)
     return ids.pop()
 

@@ -75,12 +75,13 @@ def fetch_manifest(
     return found
 
 
-def missing_needs(
-    entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo]
+def refuse_before_data(
+    entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo], flags: RestoreFlags
 ) -> dict[str, str]:
-    """Qubes whose template or (explicit) net qube is neither on this system nor restored with them:
-    qvm-backup-restore marks them broken (facts §4; restore.py restore_info_verify), checked here
-    before any data is read."""
+    """What qvm-backup-restore would refuse, said before any data is read: a name that is taken, a
+    template or (explicit) net qube neither on this system nor restored with them (qvm-backup-restore
+    marks those broken: facts §4; restore.py restore_info_verify). Returns the broken qubes
+    (--skip-broken leaves them out)."""
     broken = {}
     for name in chosen:
         q = entries[name]
@@ -90,15 +91,6 @@ def missing_needs(
             broken[name] = f"{name} needs template {q.template}"
         elif q.netvm and q.netvm not in host and q.netvm not in chosen:
             broken[name] = f"{name} needs net qube {q.netvm}"
-    return broken
-
-
-def refuse_before_data(
-    entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo], flags: RestoreFlags
-) -> dict[str, str]:
-    """What qvm-backup-restore would refuse, said before any data is read: a missing template or net
-    qube, a name that is taken. Returns the broken qubes (--skip-broken leaves them out)."""
-    broken = missing_needs(entries, chosen, host)
     if broken and not (flags.skip_broken or flags.ignore_missing):
         raise QtbError(
             f"{'; '.join(broken.values())}: restore those first (restore --all does), or add --skip-broken "
@@ -208,11 +200,7 @@ def check_shim_on_path() -> None:
     """qvm-backup-restore runs the `scrypt` first on the user's PATH: it must be the shim."""
     status = shim_install.shim_status(root())
     on_path = shutil.which("scrypt")
-    if (
-        not status["installed"]
-        or on_path is None
-        or Path(on_path).resolve() != Path(status["shim"]).resolve()
-    ):
+    if not (status["installed"] and on_path and Path(on_path).resolve() == Path(status["shim"]).resolve()):
         raise QtbError(
             f"qvm-backup-restore would run {on_path or 'no scrypt'}, not the qtb-pipe shim at "
             f"{status['shim']} (run: qtb-pipe install-shim; check PATH)",

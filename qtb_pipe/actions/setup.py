@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shlex
 from pathlib import Path
 
-from .. import manifest, qubes, shim_install
+from .. import config, manifest, qubes, shim_install
 from ..adapter import Adapter
-from ..config import (
-    Config,
-    config_path,
-    format_recovery_key,
-    generate_secret,
-    load_config,
-    load_secret,
-    parse_recovery_key,
-    root,
-    secret_path,
-    write_private,
-)
+from ..config import Config, config_path, load_config, load_secret, root, secret_path, write_private
 from ..errors import EXIT_CONFIG, EXIT_QUBE, EXIT_VERIFY, QtbError
 from .backup import select_qubes
 
@@ -78,7 +68,7 @@ def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | Non
         cfg = old
     secret, checked = "", None
     if not keep_secret:
-        secret = parse_recovery_key(recovery_key) if recovery_key else generate_secret()
+        secret = config.parse_recovery_key(recovery_key) if recovery_key else config.generate_secret()
         checked = key_opens_newest(cfg, secret) if recovery_key else None
         write_private(secret_path(), (secret + "\n").encode())
     write_private(config_path(), cfg.to_toml().encode(), 0o644)
@@ -89,7 +79,7 @@ def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | Non
         "config": str(config_path()),
         "secret": str(secret_path()),
         "secret_kept": keep_secret,
-        "recovery_key": None if recovery_key or keep_secret else format_recovery_key(secret),
+        "recovery_key": None if recovery_key or keep_secret else config.format_recovery_key(secret),
         "key_checked_against": checked,
     }
 
@@ -119,7 +109,7 @@ def key_opens_newest(cfg: Config, secret: str) -> str | None:
 def run_recovery_kit(cfg: Config, output: str | None) -> dict:
     """The recovery sheet: dom0's key and what the backup qube needs (qtb-adapter recovery-info)."""
     found = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).recovery_info()
-    key = format_recovery_key(load_secret())
+    key = config.format_recovery_key(load_secret())
     password_file = f"~/.config/qtb-pipe/{cfg.engine}.password"
     borg_key = f"Borg key (borg key import --paper):\n{found['key_export']}\n" if found["key_export"] else ""
     sheet = SHEET.format(
@@ -140,11 +130,8 @@ def run_recovery_kit(cfg: Config, output: str | None) -> dict:
 
 
 def print_recovery_kit(result: dict) -> None:
-    print(
-        f"wrote the recovery sheet to {result['written_to']} (mode 0600)"
-        if result["written_to"]
-        else result["sheet"]
-    )
+    written = result["written_to"]
+    print(f"wrote the recovery sheet to {written} (mode 0600)" if written else result["sheet"])
 
 
 def run_config_check() -> dict:
@@ -160,13 +147,9 @@ def run_config_check() -> dict:
         errors.append(f"backup qube {cfg.backup_qube} does not exist")
     if cfg.backup_qube in cfg.include:
         warnings.append(f"the backup qube {cfg.backup_qube} is in include: it is never backed up into itself")
-    cleaned = Config(
-        **{
-            **cfg.__dict__,
-            "include": [n for n in cfg.include if n in all_qubes],
-            "exclude": [n for n in cfg.exclude if n in all_qubes],
-        }
-    )
+    # the errors above name the unknown qubes; the selection is shown without them
+    cleaned = dataclasses.replace(cfg, include=[n for n in cfg.include if n in all_qubes])
+    cleaned.exclude = [n for n in cfg.exclude if n in all_qubes]
     selection = select_qubes(cleaned, all_qubes, [], [])
     for name in selection.included:
         if all_qubes[name].running and name != "dom0":
