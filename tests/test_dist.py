@@ -44,7 +44,9 @@ def test_rpm_holds_dom0_code_shim_units_and_docs_and_nothing_else(built: Path):
         f"/usr/lib/qtb-pipe/{p}" for p in dist.tracked(("qtb_pipe/", "scrypt_shim/")) if p.endswith(".py")
     }
     docs = {f"/usr/share/doc/qtb-pipe/{p}" for p in dist.tracked(("docs/", "README.md")) if p.endswith(".md")}
-    units = {f"/usr/lib/systemd/system/qtb-pipe-backup@.{kind}" for kind in ("service", "timer")}
+    units = {
+        f"/usr/lib/systemd/system/qtb-pipe-{job}@.{kind}" for job in JOBS for kind in ("service", "timer")
+    }
     programs = {"/usr/bin/qtb-pipe", "/usr/libexec/qtb-pipe/notify-failure"}
     folders = {f for f in files if not Path(f).suffix and f not in programs}  # directories the package owns
     assert files - folders == code | docs | units | programs
@@ -66,6 +68,9 @@ def test_sha256sums_cover_every_artifact(built: Path):
         assert hashlib.sha256((built / name).read_bytes()).hexdigest() == digest
 
 
+JOBS = ("backup", "prune", "verify")  # the scheduled jobs install-dom0.sh makes units for
+
+
 def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -78,11 +83,21 @@ def test_installer_and_uninstall_leave_dom0_as_it_was(tmp_path: Path):
     script = TOP / "packaging/dom0/install-dom0.sh"
     args = ["--destdir", str(dom0), "--prefix", "/usr/local", "--unitdir", "/etc/systemd/system"]
     subprocess.run(["sh", str(script), *args], check=True, capture_output=True)
-    unit = (dom0 / "etc/systemd/system/qtb-pipe-backup@.service").read_text()
-    documentation = re.search(r"^Documentation=file://(\S+)$", unit, re.M)[1]
-    assert (dom0 / documentation.lstrip("/")).is_file()  # the unit's Documentation= exists
-    exec_start = re.search(r"^\s+(/\S+/qtb-pipe) backup$", unit, re.M)[1]
-    assert (dom0 / exec_start.lstrip("/")).is_file()
+    for job in JOBS:
+        unit = (dom0 / f"etc/systemd/system/qtb-pipe-{job}@.service").read_text()
+        documentation = re.search(r"^Documentation=file://(\S+)$", unit, re.M)[1]
+        assert (dom0 / documentation.lstrip("/")).is_file()  # the unit's Documentation= exists
+        exec_start = re.search(rf"^\s+(/\S+/qtb-pipe) {job}$", unit, re.M)[1]
+        assert (dom0 / exec_start.lstrip("/")).is_file()
+        # every job on AC power only, at low priority, one at a time, with a notice if it fails
+        for line in ("ConditionACPower=true", "Nice=19", "IOSchedulingClass=idle"):
+            assert f"\n{line}\n" in unit
+        assert "ExecStart=/usr/bin/flock /var/lib/qtb-pipe/jobs.lock " in unit and "--mode=block" in unit
+        assert f"notify-failure %i {job}\n" in unit
+        timer = (dom0 / f"etc/systemd/system/qtb-pipe-{job}@.timer").read_text()
+        assert "Persistent=true" in timer and not re.search("@[A-Z]+@", unit + timer)  # all filled in
+        calendar = re.search(r"^OnCalendar=(.+)$", timer, re.M)[1]
+        assert subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True).returncode == 0
     wrapper = (dom0 / "usr/local/bin/qtb-pipe").read_text()
     assert 'sys.path.insert(0, "/usr/local/lib/qtb-pipe")' in wrapper  # where it will be, not the destdir
     # the installed copy runs on its own: no source tree, no venv, only the system's python3 -I
@@ -94,3 +109,22 @@ def test_installer_and_uninstall_leave_dom0_as_it_was(tmp_path: Path):
     assert version.stdout.startswith("qtb-pipe "), version.stderr
     subprocess.run(["sh", str(script), "--uninstall", *args], check=True, capture_output=True)
     assert tree(dom0) == before
+
+
+def test_the_scheduled_jobs_units_pass_systemd_analyze_verify(tmp_path: Path):
+    # installed for real paths (destdir /, a prefix under tmp_path), so that systemd finds every
+    # program the units name; systemd-analyze reports a bad setting on stderr but exits 0 for it
+    prefix, units, instances = tmp_path / "usr", tmp_path / "units", tmp_path / "check"
+    script = TOP / "packaging/dom0/install-dom0.sh"
+    args = ["--destdir", "/", "--prefix", str(prefix), "--unitdir", str(units)]
+    subprocess.run(["sh", str(script), *args], check=True, capture_output=True)
+    instances.mkdir()
+    for job in JOBS:
+        for kind in ("service", "timer"):
+            (instances / f"qtb-pipe-{job}@root.{kind}").write_text(
+                (units / f"qtb-pipe-{job}@.{kind}").read_text()
+            )
+    checked = subprocess.run(
+        ["systemd-analyze", "verify", *sorted(map(str, instances.iterdir()))], capture_output=True, text=True
+    )
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr

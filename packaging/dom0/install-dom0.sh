@@ -43,6 +43,7 @@ if [ $action = uninstall ]; then
 fi
 
 tmp=$(mktemp); trap 'rm -f "$tmp"' EXIT
+[ -z "$destdir" ] || mkdir -p "$destdir"  # mkdirs below climbs until it finds a directory
 mkdirs() {  # record each directory this installation creates
     for d in "$@"; do
         missing="" p=$d
@@ -64,9 +65,15 @@ chmod 755 "$destdir$lib/scrypt_shim/shim.py"
 printf '#!/usr/bin/python3 -B\nimport sys\nsys.path.insert(0, "%s")\nfrom qtb_pipe.cli import main\nsys.exit(main())\n' "$lib" > "$tmp.bin"
 put 755 "$tmp.bin" "$prefix/bin/qtb-pipe"; rm -f "$tmp.bin"
 put 755 "$src/packaging/dom0/notify-failure" "$prefix/libexec/qtb-pipe/notify-failure"
-for unit in qtb-pipe-backup@.service qtb-pipe-backup@.timer; do
-    sed "s|@PREFIX@|$prefix|g" "$src/packaging/dom0/$unit" > "$tmp.unit"
-    put 644 "$tmp.unit" "$unitdir/$unit"; rm -f "$tmp.unit"
+# one service and one timer per scheduled job, from the two templates: JOB|WHEN|OnCalendar
+for job in "backup|nightly|*-*-* 02:30:00" "prune|daily, after the backup|*-*-* 04:30:00" \
+           "verify|weekly, a test restore of every qube and the engine's check|Sun *-*-* 05:00:00"; do
+    name=${job%%|*} rest=${job#*|}; when=${rest%%|*} calendar=${rest#*|}
+    for kind in service timer; do
+        sed -e "s|@PREFIX@|$prefix|g" -e "s|@JOB@|$name|g" -e "s|@WHEN@|$when|g" -e "s|@CALENDAR@|$calendar|g" \
+            "$src/packaging/dom0/qtb-pipe-job@.$kind.in" > "$tmp.unit"
+        put 644 "$tmp.unit" "$unitdir/qtb-pipe-$name@.$kind"; rm -f "$tmp.unit"
+    done
 done
 put 644 "$src/README.md" "$docdir/README.md"
 for f in "$src"/docs/*.md; do put 644 "$f" "$docdir/docs/$(basename "$f")"; done
@@ -74,4 +81,4 @@ echo "f $lib/INSTALLED" >> "$tmp"
 install -m 644 "$tmp" "$manifest"
 [ $reload = yes ] && systemctl daemon-reload
 echo "installed: $prefix/bin/qtb-pipe. Next: sudo qtb-pipe init; sudo qtb-pipe install-shim;"
-echo "  nightly: sudo systemctl enable --now qtb-pipe-backup@$(id -un).timer"
+echo "  scheduled: sudo systemctl enable --now qtb-pipe-backup@${SUDO_USER:-$(id -un)}.timer (and -prune@, -verify@)"
