@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import humanize
 
 from . import __version__
+from .base import engine_names
 from .commands import (
     Session,
     cmd_check,
@@ -34,8 +35,9 @@ from .commands import (
     cmd_store,
     parse_duration,
 )
-from .config import KEEP_KEYS
+from .config import KEEP_KEYS, load_config
 from .errors import AdapterError, NoSpaceError, UsageError
+from .monitoring import MAX_BODY_BYTES, PING_SUFFIX, ping
 from .retention import KeepPolicy
 
 
@@ -131,6 +133,15 @@ def build_parser() -> Parser:
         parents=[common],
         help="what a new system needs to open the repository: location, engine password, borg's key",
     )
+    p = sub.add_parser(
+        "ping",
+        parents=[common],
+        help="tell [monitoring] ping_url how a run goes (healthchecks.io style); never fails",
+        description="POSTs to ping_url (success), ping_url/start or ping_url/fail, with the message on "
+        "stdin (at most 10 kB) as the body; a server that cannot be reached within [monitoring] timeout "
+        "seconds is a warning and exit 0, so that monitoring never fails a backup.",
+    )
+    p.add_argument("state", choices=list(PING_SUFFIX))
     p = sub.add_parser("drop-pending", parents=[common], help="remove stale pending snapshots")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--run", help="drop this run's pending snapshot(s)")
@@ -196,6 +207,12 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         verb = "created" if data["created"] else "adopted existing"
         _emit(args, data, f"{verb} {data['engine']} {data['version']} repository {data['repository']}")
+        return 0
+    if args.command == "ping":  # needs the config, not the engine
+        monitoring = load_config(args.config, args.engine, engine_names()).monitoring
+        body = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read(MAX_BODY_BYTES)
+        data = ping(monitoring, args.state, body)
+        _emit(args, data, f"ping {args.state} sent to {data['server']}" if data["sent"] else "")
         return 0
     session = Session(args.config, args.engine)
     if args.command == "store":

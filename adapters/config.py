@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RepositoryMissingError, UsageError
+from .monitoring import DEFAULT_TIMEOUT_SECONDS, PING_URL_RE, Monitoring
 
 CONFIG_RELATIVE_PATH = Path(".config/qtb-pipe/adapter.toml")
 KEEP_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
@@ -62,6 +63,7 @@ class AdapterConfig:
     lock_wait: int = DEFAULT_LOCK_WAIT_SECONDS
     engine_settings: dict[str, Any] = field(default_factory=dict)  # the rest of the [engine] table
     keep: dict[str, int] = field(default_factory=dict)  # default prune policy ([retention] table)
+    monitoring: Monitoring = field(default_factory=Monitoring)  # the [monitoring] table
 
 
 def _expand(path: str) -> Path:
@@ -79,17 +81,34 @@ def read_raw(path: Path) -> dict[str, Any]:
 
 # The default keep policy: `[retention]`, as dom0's config calls it; `[prune]` is its old name.
 RETENTION_TABLES = ("retention", "prune")
+MONITORING_TABLE = "monitoring"  # ping_url, timeout (adapters/monitoring.py)
 
 
 def engine_tables(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {k: v for k, v in raw.items() if isinstance(v, dict) and k not in RETENTION_TABLES}
+    return {
+        k: v for k, v in raw.items() if isinstance(v, dict) and k not in (*RETENTION_TABLES, MONITORING_TABLE)
+    }
+
+
+def read_monitoring(path: Path, raw: dict[str, Any]) -> Monitoring:
+    table = raw.get(MONITORING_TABLE, {})
+    if not isinstance(table, dict) or set(table) - {"ping_url", "timeout"}:
+        raise RepositoryMissingError(f"{path}: [{MONITORING_TABLE}] may only hold ping_url and timeout")
+    url, timeout = table.get("ping_url"), table.get("timeout", DEFAULT_TIMEOUT_SECONDS)
+    if url is not None and not (isinstance(url, str) and PING_URL_RE.fullmatch(url)):
+        raise RepositoryMissingError(
+            f"{path}: [{MONITORING_TABLE}] ping_url must be an http:// or https:// URL"
+        )
+    if type(timeout) is not int or not 1 <= timeout <= 120:
+        raise RepositoryMissingError(f"{path}: [{MONITORING_TABLE}] timeout must be 1 to 120 seconds")
+    return Monitoring(url, timeout)
 
 
 def load_config(path: Path | None, engine: str | None, known_engines: list[str]) -> AdapterConfig:
     path = path or default_config_path()
     raw = read_raw(path)
     tables = engine_tables(raw)
-    known = {*GLOBAL_KEYS, *RETENTION_TABLES, *known_engines}
+    known = {*GLOBAL_KEYS, *RETENTION_TABLES, MONITORING_TABLE, *known_engines}
     unknown = {k for k in raw if k not in known}
     if unknown:
         raise RepositoryMissingError(f"{path}: unknown setting(s) or engine(s): {', '.join(sorted(unknown))}")
@@ -139,6 +158,7 @@ def load_config(path: Path | None, engine: str | None, known_engines: list[str])
         lock_wait=lock_wait,
         engine_settings={k: v for k, v in table.items() if k not in ENGINE_COMMON_KEYS},
         keep={k: int(v) for k, v in keep.items()},
+        monitoring=read_monitoring(path, raw),
     )
 
 

@@ -6,6 +6,7 @@ by field (types, patterns, ranges) before dom0 uses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from .errors import EXIT_FAILED, EXIT_QUBE, EXIT_SNAPSHOT, QtbError
 SNAPSHOT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,80}")  # the adapter's own ids (docs/design.md)
 MEMBER_RE = re.compile(r"[A-Za-z0-9._/+-]{1,200}")
 TIME_RE = re.compile(r"[0-9T:.+ Z-]{1,40}")
-STATES = ("complete", "pending")
 MAX_JSON = 8 * 1024 * 1024
 # Adapter exit codes (docs/design.md) → what the user should do.
 ADAPTER_EXIT = {
@@ -52,7 +52,11 @@ def check_snapshot_id(value: str) -> str:
     return value
 
 
-def _field(obj: dict, key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+def _field(
+    obj: dict, key: str, kind: type, optional: bool = False, pattern: re.Pattern[str] | None = None
+) -> Any:
+    """One field of a hostile answer: present (unless optional), of its type, a bounded integer, a
+    string that fully matches `pattern`."""
     if key not in obj or obj[key] is None:
         if optional:
             return None
@@ -62,6 +66,8 @@ def _field(obj: dict, key: str, kind: type | tuple[type, ...], optional: bool = 
         raise QtbError(f"backup qube sent malformed data: {key!r} has the wrong type")
     if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 1 << 62:
         raise QtbError(f"backup qube sent malformed data: {key!r} out of range")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise QtbError(f"backup qube sent malformed data: {key!r} is not what it should be")
     return value
 
 
@@ -74,6 +80,18 @@ class Snapshot:
     qubes: list[str]
     stream_bytes: int | None
     added_bytes: int | None
+
+
+# each field of a `qtb-adapter list` entry: (type, optional, pattern); `qubes` is checked item by item
+SNAPSHOT_FIELDS: dict[str, tuple[type, bool, re.Pattern[str] | None]] = {
+    "id": (str, False, SNAPSHOT_ID_RE),
+    "state": (str, False, re.compile("complete|pending")),
+    "time": (str, False, TIME_RE),
+    "backup_id": (str, True, BACKUP_ID_RE),
+    "qubes": (list, True, None),
+    "stream_bytes": (int, True, None),
+    "added_bytes": (int, True, None),
+}
 
 
 @dataclass
@@ -127,31 +145,13 @@ class Adapter:
         for item in items:
             if not isinstance(item, dict):
                 raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
-            qubes_list = _field(item, "qubes", list, optional=True) or []
-            state = _field(item, "state", str)
-            time_text = _field(item, "time", str)
-            backup_id = _field(item, "backup_id", str, optional=True)
-            if (
-                state not in STATES
-                or not TIME_RE.fullmatch(time_text)
-                or (backup_id is not None and not BACKUP_ID_RE.fullmatch(backup_id))
-                or not all(
-                    isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in qubes_list
-                )
-                or len(qubes_list) > 1000
+            found = {key: _field(item, key, *spec) for key, spec in SNAPSHOT_FIELDS.items()}
+            found["qubes"] = found["qubes"] or []
+            if len(found["qubes"]) > 1000 or not all(
+                isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in found["qubes"]
             ):
                 raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
-            out.append(
-                Snapshot(
-                    id=check_snapshot_id(_field(item, "id", str)),
-                    state=state,
-                    time=time_text,
-                    backup_id=backup_id,
-                    qubes=qubes_list,
-                    stream_bytes=_field(item, "stream_bytes", int, optional=True),
-                    added_bytes=_field(item, "added_bytes", int, optional=True),
-                )
-            )
+            out.append(Snapshot(**found))
         return out
 
     def pending_members(self, run_id: str) -> list[Member]:
@@ -162,17 +162,14 @@ class Adapter:
         for m in data["members"]:
             if not isinstance(m, dict):
                 raise QtbError("backup qube sent malformed data for `qtb-adapter pending`")
-            name = _field(m, "name", str)
-            if not MEMBER_RE.fullmatch(name):
-                raise QtbError("backup qube reported a member with an invalid name")
-            members.append(Member(name, _field(m, "size", int)))
+            members.append(Member(_field(m, "name", str, pattern=MEMBER_RE), _field(m, "size", int)))
         return members
 
     def commit(self, run_id: str, sealed_manifest: bytes) -> dict:
         data = self._json("commit", "--run", run_id, "--engine", self.engine, input=sealed_manifest)
         if not isinstance(data, dict):
             raise QtbError("backup qube sent malformed data for `qtb-adapter commit`")
-        check_snapshot_id(_field(data, "id", str))
+        _field(data, "id", str, pattern=SNAPSHOT_ID_RE)
         return data
 
     def manifest(self, snapshot_id: str) -> bytes:
@@ -188,6 +185,11 @@ class Adapter:
                 f"{e}: see `qtb-pipe list` (a pending snapshot was never committed and cannot be restored)",
                 EXIT_SNAPSHOT,
             ) from None
+
+    def ping(self, state: str, message: str = "") -> None:
+        """The backup qube's [monitoring] ping_url (dom0 has no network); never fails a run."""
+        with contextlib.suppress(QtbError):
+            self._call("ping", state, "--engine", self.engine, input=message.encode()[:10_000])
 
     def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str]) -> Any:
         args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}"]

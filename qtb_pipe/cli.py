@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"qtb-pipe {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    def add(name: str, func, help: str, description: str | None = None, show=None) -> argparse.ArgumentParser:
+    def add(
+        name: str, func, help: str, description: str | None = None, show=None, engine: bool = True
+    ) -> argparse.ArgumentParser:
         """A command: `func(args)` returns its result, `show(result)` prints it without --json."""
         s = sub.add_parser(
             name,
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         s.add_argument("-v", "--verbose", action="store_true", help="show every command line qtb-pipe runs")
+        if engine:
+            s.add_argument("--engine", choices=ENGINES, help="instead of the config's engine")
         s.set_defaults(func=func, show=show)
         return s
 
@@ -193,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         lambda a: setup.run_init(a.backup_qube, a.engine or "restic", a.force, a.recovery_key),
         "write the dom0 config and generate the backup secret (shown once as a recovery key)",
         show=setup.print_init,
+        engine=False,
     )
     s.add_argument("--backup-qube", default="backup", help="the qube that runs qtb-adapter (default: backup)")
     s.add_argument("--engine", choices=ENGINES, help="default engine (default: restic)")
@@ -204,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_config,
         "config check: which qubes will be backed up, which not and why, warnings",
         show=setup.print_config_check,
+        engine=False,
     )
     s.add_argument("action", choices=["check"])
 
@@ -216,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
         "password and borg's key. Keep it offline.",
         show=setup.print_recovery_kit,
     )
-    s.add_argument("--engine", choices=ENGINES)
     s.add_argument("-o", "--output", metavar="FILE", help="write the sheet to FILE (mode 0600), not stdout")
 
     shim_commands = {  # name: (function of (root, prefix), help, printer)
@@ -225,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shim-status": (cmd_shim_status, "is the shim installed and would qubesd use it?", print_shim_status),
     }
     for name, (func, text, show) in shim_commands.items():
-        s = add(name, lambda a, f=func: f(root(), a.prefix), text, show=show)
+        s = add(name, lambda a, f=func: f(root(), a.prefix), text, show=show, engine=False)
         s.add_argument("--prefix", default=DEFAULT_PREFIX, help="default: /usr/local (before /usr)")
 
     s = add(
@@ -238,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("qubes", nargs="*", metavar="QUBE")
     s.add_argument("-x", "--exclude", action="append", default=[], metavar="QUBE")
-    s.add_argument("--engine", choices=ENGINES, help="override the configured engine")
     s.add_argument("--full", action="store_true", help="back up every selected qube, changed or not")
     s.add_argument(
         "--dry-run", action="store_true", help="say what would be backed up and why; change nothing"
@@ -261,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--qube", action="append", metavar="NAME", help="this qube, from its newest copy (repeatable)"
     )
     s.add_argument("--as-of", metavar="TIME", help="with --all/--qube: the newest copies made by TIME")
-    s.add_argument("--engine", choices=ENGINES)
     for group in (("rename_conflicting", "skip_conflicting"), ("skip_broken", "ignore_missing")):
         exclusive = s.add_mutually_exclusive_group()
         for key in group:
@@ -290,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
         show=print_verify,
     )
     s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="default: the newest copy of every qube")
-    s.add_argument("--engine", choices=ENGINES)
     s.add_argument(
         "--read-data-subset",
         metavar="N%|n/t",
@@ -307,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
         "each qube's newest copy, age and count; the snapshots and dom0's record of them",
         show=manage.print_list,
     )
-    s.add_argument("--engine", choices=ENGINES)
     s.add_argument("--qube", metavar="NAME", help="also the history of this qube's copies")
 
     s = add(
@@ -316,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
         "forget old complete snapshots by retention, then the engine's cleanup",
         show=manage.print_prune,
     )
-    s.add_argument("--engine", choices=ENGINES)
     for key in RETENTION_KEYS:
         s.add_argument(f"--{key.replace('_', '-')}", type=keep_count, metavar="N", dest=key)
     s.add_argument("--dry-run", action="store_true")
@@ -327,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
         "the engine's integrity check of the repository",
         show=print_check,
     )
-    s.add_argument("--engine", choices=ENGINES)
     s.add_argument("--read-data-subset", metavar="N%|n/t", type=data_subset)
     return p
 

@@ -56,13 +56,11 @@ class Config:
     )
 
     def validate(self) -> None:
-        if not QUBE_NAME_RE.fullmatch(self.backup_qube):
-            raise QtbError(f"config: backup_qube {self.backup_qube!r} is not a qube name", EXIT_CONFIG)
         if self.engine not in ENGINES:
             raise QtbError(f"config: engine must be one of {', '.join(ENGINES)}", EXIT_CONFIG)
         if not re.fullmatch(r"[A-Za-z0-9_./-]{1,200}", self.adapter_command):
             raise QtbError("config: adapter_command must be a plain command name or path", EXIT_CONFIG)
-        for name in self.include + self.exclude:
+        for name in [self.backup_qube, *self.include, *self.exclude]:
             if not QUBE_NAME_RE.fullmatch(name):
                 raise QtbError(f"config: {name!r} is not a qube name", EXIT_CONFIG)
         if self.stall_timeout < 0:

@@ -7,6 +7,7 @@ up once per engine (one snapshot per qube), so no test repeats the full backup.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert {q: r["status"] for q, r in plan["qubes"].items()} == {
         "debian-12": "unchanged", "work": "to back up", "personal": "unchanged", "vault": "unchanged",
     }  # fmt: skip
+    checked = qtb_json(world, "config", "check")["qubes"]  # config check shows the same plan
+    assert {q: checked[q] for q in plan["qubes"]} == plan["qubes"]
+    assert checked["vault"]["why"].startswith(f"unchanged since {backed_up.snapshots['vault'][:12]}")
     assert len(snapshots(world)) == len(backed_up.snapshots) + 1  # a dry run changes nothing
     night = qtb_json(world, "backup", "-x", "dom0")
     assert [q for q, r in night["qubes"].items() if r["status"] == "backed up"] == ["work"]
@@ -359,6 +363,7 @@ def test_config_check_fails_where_backup_would_refuse(world: Sim):
     assert proc.returncode == 3 == result["exit_code"]
     assert result["errors"] == ["nosuch is in the config but no such qube exists"]
     assert result["included"] == ["work"]  # what backup would use
+    assert result["qubes"] == {"work": {"status": "to back up", "why": "no copy yet"}}
     assert qtb(world, "backup", check=False).returncode == 2  # which backup indeed refuses
 
 
@@ -366,7 +371,15 @@ def test_init_checks_the_backup_qube_and_a_second_init_keeps_the_secret(world: S
     proc = qtb(world, "init", "--backup-qube", "backpu", check=False)
     assert proc.returncode == 6 and b"no qube named 'backpu'" in proc.stderr
     assert not (world.dom0 / "etc/qtb-pipe").exists() or not any((world.dom0 / "etc/qtb-pipe").iterdir())
-    first = qtb_json(world, "init", "--backup-qube", "backup")
+    # `sudo qtb-pipe init` (the README's step): the user whose timer runs the backups owns the secret
+    # and dom0's state directory (records, run directories), which a non-root user could not create
+    first = json.loads(
+        qtb(world, "init", "--backup-qube", "backup", "--json", env={"SUDO_UID": "4321"}).stdout
+    )
+    state = world.dom0 / "var/lib/qtb-pipe"
+    if os.geteuid() == 0:
+        assert {(world.dom0 / "etc/qtb-pipe/secret").stat().st_uid, state.stat().st_uid} == {4321}
+    assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
     secret = (world.dom0 / "etc/qtb-pipe/secret").read_bytes()
     config = world.dom0 / "etc/qtb-pipe/config.toml"
     config.write_text(config.read_text().replace("exclude = []", 'exclude = ["personal"]'))

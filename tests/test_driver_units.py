@@ -103,3 +103,51 @@ def test_recovery_info_answers_are_bounded_and_printable(monkeypatch, answer):
     answering(monkeypatch, answer)
     with pytest.raises(QtbError, match="backup qube sent"):
         Adapter("backup", "borg").recovery_info()
+
+
+GOOD_SNAPSHOT = {
+    "id": "a" * 64,
+    "state": "complete",
+    "time": "2026-12-03T01:02:03+00:00",
+    "backup_id": BID,
+    "qubes": ["work", "dom0"],
+    "stream_bytes": 123,
+    "added_bytes": None,
+}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**GOOD_SNAPSHOT, "id": "a" * 64 + "\n"},  # fullmatch: no trailing newline
+        {**GOOD_SNAPSHOT, "id": "../x y"},
+        {**GOOD_SNAPSHOT, "state": "completed"},
+        {**GOOD_SNAPSHOT, "time": "2026-12-03\x1b[2J"},
+        {**GOOD_SNAPSHOT, "backup_id": "20261124T010203-42;rm"},
+        {**GOOD_SNAPSHOT, "qubes": ["work", "-rf"]},
+        {**GOOD_SNAPSHOT, "qubes": ["q"] * 1001},
+        {**GOOD_SNAPSHOT, "stream_bytes": -1},
+        {**GOOD_SNAPSHOT, "stream_bytes": True},
+        {k: v for k, v in GOOD_SNAPSHOT.items() if k != "time"},
+        "a" * 64,
+    ],
+)
+def test_listing_answers_are_checked_field_by_field(monkeypatch, entry):
+    answering(monkeypatch, {"snapshots": [GOOD_SNAPSHOT]})
+    (snapshot,) = Adapter("backup", "restic").snapshots()
+    assert snapshot.qubes == ["work", "dom0"] and snapshot.added_bytes is None
+    answering(monkeypatch, {"snapshots": [GOOD_SNAPSHOT, entry]})
+    with pytest.raises(QtbError, match="backup qube sent malformed data"):
+        Adapter("backup", "restic").snapshots()
+
+
+@pytest.mark.parametrize("name", ["x" * 201, "vm3/private.img.000.enc\n", "", "a b"])
+def test_pending_member_names_and_commit_ids_must_fully_match(monkeypatch, name):
+    answering(monkeypatch, {"members": [{"name": "vm3/private.img.000.enc", "size": 9056}]})
+    assert Adapter("backup", "restic").pending_members("r1") == [Member("vm3/private.img.000.enc", 9056)]
+    answering(monkeypatch, {"members": [{"name": name, "size": 1}]})
+    with pytest.raises(QtbError, match="malformed"):
+        Adapter("backup", "restic").pending_members("r1")
+    answering(monkeypatch, {"id": name})
+    with pytest.raises(QtbError, match="malformed"):
+        Adapter("backup", "restic").commit("r1", b"sealed")

@@ -224,6 +224,11 @@ def plan_backup(engine: str, names: list[str], full: bool) -> list[Decision]:
     return decisions
 
 
+def planned(decisions: list[Decision]) -> dict[str, dict]:
+    """The per-qube plan as `backup --dry-run --json` and `config check --json` give it."""
+    return {d.qube: {"status": "to back up" if d.back_up else "unchanged", "why": d.why} for d in decisions}
+
+
 def run_backup(
     cfg: Config,
     names: list[str],
@@ -244,12 +249,11 @@ def run_backup(
     if not selection.included:
         raise QtbError("nothing to back up: every qube is left out (see qtb-pipe config check)", EXIT_USAGE)
     decisions = plan_backup(cfg.engine, selection.included, full)
-    summary: dict = {"engine": cfg.engine, "dry_run": dry_run, "qubes": {}, "snapshots": [], "warnings": []}
-    for d in decisions:
-        summary["qubes"][d.qube] = {"status": "to back up" if d.back_up else "unchanged", "why": d.why}
+    summary: dict = {"engine": cfg.engine, "dry_run": dry_run, "qubes": planned(decisions)}
+    summary.update(snapshots=[], warnings=[])
     if dry_run:
         if not as_json:
-            print_decisions(decisions)
+            print_qubes(summary["qubes"])
         return summary
     if not all_qubes[cfg.backup_qube].running:
         if not cfg.start_backup_qube:
@@ -260,6 +264,7 @@ def run_backup(
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     adapter.snapshots()  # preflight: adapter present, repository ready, password right
     check_records_writable()
+    adapter.ping("start")
     todo = [d for d in decisions if d.back_up]
     started = time.monotonic()
     failed: list[str] = []
@@ -291,18 +296,24 @@ def run_backup(
     )
     for warning in summary["warnings"]:
         info(f"warning: {warning}", as_json)
+    outcome = (f"{len(summary['snapshots'])} qube(s) backed up: {human_bytes(streamed)} streamed, "
+               f"{human_bytes(summary['added_bytes'])} added, {human_duration(elapsed)}")  # fmt: skip
     if not as_json:
-        print_decisions(decisions, summary)
-        print(f"{len(summary['snapshots'])} qube(s) backed up: {human_bytes(streamed)} streamed, "
-              f"{human_bytes(summary['added_bytes'])} added, {human_duration(elapsed)}")  # fmt: skip
+        print_qubes(summary["qubes"])
+        print(outcome)
     if failed:
         first = summary["qubes"][failed[0]]
         message = f"{len(failed)} qube(s) not backed up: {', '.join(failed)} ({failed[0]}: {first['error']})"
+        adapter.ping("fail", f"{message}\n{outcome}")
         raise PartialFailure(message, first["exit_code"], summary)
+    adapter.ping("success", outcome)  # the body healthchecks shows with the ping
     return summary
 
 
-def print_decisions(decisions: list[Decision], summary: dict | None = None) -> None:
-    for d in decisions:
-        state = summary["qubes"][d.qube]["status"] if summary else ("skipped", "will be backed up")[d.back_up]
-        print(f"  {d.qube:<24} {state:<18} {d.why}")
+PLAN_LABELS = {"to back up": "will be backed up", "unchanged": "skipped"}  # JSON status -> text
+
+
+def print_qubes(planned_or_done: dict[str, dict]) -> None:
+    for qube, entry in planned_or_done.items():
+        state = PLAN_LABELS.get(entry["status"], entry["status"])
+        print(f"  {qube:<24} {state:<18} {entry['why']}")

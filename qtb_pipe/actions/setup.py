@@ -12,7 +12,7 @@ from .. import config, manifest, qubes, shim_install
 from ..adapter import Adapter
 from ..config import Config, config_path, load_config, load_secret, root, secret_path, write_private
 from ..errors import EXIT_CONFIG, EXIT_QUBE, EXIT_VERIFY, QtbError
-from .backup import select_qubes
+from .backup import plan_backup, planned, print_qubes, select_qubes
 
 RECOVERY_TEXT = """\
 Recovery key (shown once; keep it offline, e.g. on paper or in a password manager):
@@ -72,9 +72,11 @@ def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | Non
         checked = key_opens_newest(cfg, secret) if recovery_key else None
         write_private(secret_path(), (secret + "\n").encode())
     write_private(config_path(), cfg.to_toml().encode(), 0o644)
+    config.state_dir().mkdir(mode=0o700, parents=True, exist_ok=True)  # the records and run directories
     uid = os.environ.get("SUDO_UID")
-    if uid and os.geteuid() == 0:  # `sudo qtb-pipe init`: the user who runs backups owns the secret
-        os.chown(secret_path(), int(uid), -1)
+    if uid and os.geteuid() == 0:  # `sudo qtb-pipe init`: the user who runs backups owns both
+        for owned in (secret_path(), config.state_dir()):
+            os.chown(owned, int(uid), -1)
     return {
         "config": str(config_path()),
         "secret": str(secret_path()),
@@ -168,6 +170,7 @@ def run_config_check() -> dict:
         "engine": cfg.engine,
         "included": selection.included,
         "left_out": selection.left_out,
+        "qubes": planned(plan_backup(cfg.engine, selection.included, full=False)),
         "errors": errors,
         "warnings": warnings,
     }
@@ -190,7 +193,9 @@ def print_init(result: dict) -> None:
 
 def print_config_check(result: dict) -> None:
     print(f"backup qube: {result['backup_qube']}   engine: {result['engine']}")
-    print("will be backed up: " + (", ".join(result["included"]) or "(nothing)"))
+    print_qubes(result["qubes"])
+    if not result["qubes"]:
+        print("  nothing would be backed up")
     for name, why in result["left_out"].items():
         print(f"  left out: {name:<20} {why}")
     for w in result["warnings"]:
