@@ -189,7 +189,7 @@ class Adapter:
     def ping(self, state: str, message: str = "") -> None:
         """The backup qube's [monitoring] ping_url (dom0 has no network); never fails a run."""
         with contextlib.suppress(QtbError):
-            self._call("ping", state, "--engine", self.engine, input=message.encode()[:10_000])
+            self._call("ping", state, "--engine", self.engine, input=message.encode())  # bounded there
 
     def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str]) -> Any:
         args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}"]
