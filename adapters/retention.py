@@ -5,9 +5,12 @@ commit objects. Semantics are restic's (and borg's): for each rule, walk snapsho
 keep the newest one of each period until the rule's count is used up; a snapshot is kept when any
 rule keeps it. Periods are in local time.
 
-Users think in qubes, and a snapshot holds the qubes of one run: the rules apply to each qube's own
-copies (`per_qube`), a snapshot goes only when no qube keeps it, and the newest copy of a protected
-qube (dom0 passes the qubes that still exist) stays whatever the rules say.
+Users think in qubes, and a snapshot holds the qubes of one run: the rules apply to each protected
+qube's own copies (`per_qube`; dom0 passes the qubes that still exist), a snapshot goes only when no
+qube keeps it, and the newest copy of a protected qube stays whatever the rules say. A qube deleted
+from dom0 has no new copies to push its old ones out, so counting periods in its own history would
+keep its last copy forever: its copies are counted in the repository's timeline instead (kept where
+the rules keep the snapshot among all snapshots), so they age out as newer runs arrive.
 """
 
 from __future__ import annotations
@@ -89,12 +92,16 @@ def per_qube(
     snapshots: Sequence[Copies], policy: KeepPolicy, protected: set[str] | None
 ) -> tuple[list[Copies], list[Copies], dict[str, list[str]]]:
     """(keep, remove, what each qube keeps newest first). `protected` None: every qube is."""
+    timeline, _ = apply_policy([Dated(s.id, s.time) for s in snapshots], policy)
     kept: dict[str, list[str]] = {}
     for qube in sorted({q for s in snapshots for q in s.qubes}):
         copies = [Dated(s.id, s.time) for s in snapshots if qube in s.qubes]
+        if protected is not None and qube not in protected:
+            kept[qube] = [d.id for d in timeline if d in copies]
+            continue
         keep, _ = apply_policy(copies, policy)
         newest = max(copies, key=lambda d: d.time)
-        if (protected is None or qube in protected) and newest not in keep:
+        if newest not in keep:
             keep.insert(0, newest)  # a qube's newest copy is never lost to retention
         kept[qube] = [d.id for d in keep]
     keep_ids = {i for ids in kept.values() for i in ids} | {s.id for s in snapshots if not s.qubes}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest_remote import ENGINE_PASSWORD, AdapterHome
-from qtb_adapters.retention import Dated, KeepPolicy, apply_policy
+from qtb_adapters.retention import Copies, Dated, KeepPolicy, apply_policy, per_qube
 from streamtools import make_backup, write_stream
 
 
@@ -40,6 +40,53 @@ def test_keep_last_daily_weekly_monthly_yearly(utc_local_time) -> None:
     keep, _ = apply_policy(snaps, KeepPolicy(last=2, weekly=2))
     assert {s.id for s in keep} == {"s0", "s1", "s4"}  # s4 is the Sunday of the week before
     assert apply_policy([], KeepPolicy(daily=1)) == ([], [])
+
+
+def _runs() -> list[Copies]:
+    """The issue's case: two full runs, `backup work vault`, `backup -x personal -x debian-12`, then
+    `backup sys-net`, one day apart."""
+    every = ("work", "vault", "personal", "debian-12", "sys-net")
+    held = [every, every, ("work", "vault"), ("work", "vault", "sys-net"), ("sys-net",)]
+    base = datetime(2026, 6, 17, 12, 0, tzinfo=UTC)
+    return [Copies(f"s{i}", base - timedelta(days=4 - i), q) for i, q in enumerate(held)]
+
+
+def _ids(copies: list[Copies]) -> list[str]:
+    return [c.id for c in copies]
+
+
+def test_per_qube_keeps_every_qubes_only_copy(utc_local_time) -> None:
+    keep, remove, kept = per_qube(_runs(), KeepPolicy(last=1), None)
+    # one policy over all runs would keep s4 alone and lose personal and debian-12
+    assert _ids(keep) == ["s4", "s3", "s1"] and _ids(remove) == ["s2", "s0"]
+    assert kept == {
+        "work": ["s3"],
+        "vault": ["s3"],
+        "personal": ["s1"],
+        "debian-12": ["s1"],
+        "sys-net": ["s4"],
+    }
+    _, remove, kept = per_qube(_runs(), KeepPolicy(last=2), None)
+    assert _ids(remove) == [] and kept["sys-net"] == ["s4", "s3"] and kept["personal"] == ["s1", "s0"]
+    # a snapshot whose commit names no qube is not anyone's to remove
+    empty = Copies("e", datetime(2026, 1, 1, tzinfo=UTC), ())
+    keep, remove, _ = per_qube([*_runs(), empty], KeepPolicy(last=1), None)
+    assert "e" in _ids(keep) and "e" not in _ids(remove)
+
+
+def test_per_qube_ages_out_a_qube_deleted_from_dom0(utc_local_time) -> None:
+    still_there = {"work", "vault", "debian-12", "sys-net"}  # personal was deleted in dom0
+    # keep-daily 4 keeps s1..s4 among all runs: personal's copy in s1 is still within the rules,
+    # its older one is not (debian-12, still there, keeps both in its own history)
+    _, remove, kept = per_qube(_runs(), KeepPolicy(daily=4), still_there)
+    assert kept["personal"] == ["s1"] and kept["debian-12"] == ["s1", "s0"] and _ids(remove) == []
+    # keep-last 1 keeps s4 among all runs: personal's copies have aged out; debian-12 keeps s1
+    keep, remove, kept = per_qube(_runs(), KeepPolicy(last=1), still_there)
+    assert kept["personal"] == [] and kept["debian-12"] == ["s1"]
+    assert _ids(keep) == ["s4", "s3", "s1"] and _ids(remove) == ["s2", "s0"]
+    # once debian-12 is gone too, nothing holds s1
+    _, remove, kept = per_qube(_runs(), KeepPolicy(last=1), still_there - {"debian-12"})
+    assert kept["debian-12"] == [] and _ids(remove) == ["s2", "s1", "s0"]
 
 
 @pytest.mark.parametrize("engine", ["restic", "borg"])

@@ -333,14 +333,19 @@ def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
     assert set(latest) == set(ALL) and all(q["in_repository"] for q in latest.values())
     records = {p.stem.split("-", 1)[1] for p in (world.dom0 / "var/lib/qtb-pipe/snapshots").glob("*.json")}
     assert records == {q["latest"] for q in latest.values()}  # dom0 forgets what was pruned
-    # a qube deleted from dom0 is no longer protected: the rules alone decide, and prune says so
+    # qubes deleted from dom0 are no longer protected: their copies age out (counted among all runs)
     qubes_xml = world.dom0 / "var/lib/qubes/qubes.xml"
     from qubes_sim.world import parse_qubes_xml, render_qubes_xml
 
-    remaining = {n: q for n, q in parse_qubes_xml(qubes_xml.read_bytes()).items() if n != "personal"}
+    gone = {"personal", "debian-12"}
+    remaining = {n: q for n, q in parse_qubes_xml(qubes_xml.read_bytes()).items() if n not in gone}
     qubes_xml.write_bytes(render_qubes_xml(remaining))
     dry = qtb_json(world, "prune", "--keep-last", "1", "--dry-run")
-    assert dry["qubes"]["personal"]["exists_in_dom0"] is False
+    assert sorted(dry["removed"]) == sorted(latest[name]["latest"] for name in gone)
+    for name, q in dry["qubes"].items():
+        assert q["exists_in_dom0"] is (name not in gone) and bool(q["remaining"]) is (name not in gone)
+    text = qtb(world, "prune", "--keep-last", "1", "--dry-run").stdout.decode()
+    assert "personal" in text and "deleted from dom0: its copies age out by the rules" in text
     assert qtb_json(world, "check")["ok"]
 
 

@@ -115,7 +115,7 @@ def print_prune(result: dict) -> None:
     for snapshot in result["removed"]:
         print(f"  {verb}: {snapshot}")
     for name, q in sorted(result["qubes"].items()):
-        note = "" if q["exists_in_dom0"] else "  (deleted from dom0: kept only as the rules say)"
+        note = "" if q["exists_in_dom0"] else "  (deleted from dom0: its copies age out by the rules)"
         print(
             f"  {name:<24} {len(q['remaining'])} cop{'y' if len(q['remaining']) == 1 else 'ies'} left{note}"
         )
