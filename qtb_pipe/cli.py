@@ -80,9 +80,8 @@ def print_shim_status(st: dict) -> None:
 def _restore(args: argparse.Namespace, verify_only: bool) -> dict:
     """A snapshot, or (--all, --qube, verify without one) each chosen qube's newest copy."""
     flags = RestoreFlags(verify_only=verify_only, **{k: getattr(args, k, False) for k in RESTORE_FLAGS})
-    opts = RestoreOptions(
-        args.snapshot, args.qubes, flags, getattr(args, "single_pass", False), args.new_system, args.json
-    )
+    single_pass = getattr(args, "single_pass", False)
+    opts = RestoreOptions(args.snapshot, args.qubes, flags, single_pass, args.new_system, args.json)
     if args.snapshot is not None:
         return run_restore(_config(args), opts)
     return run_restore_latest(_config(args), opts, args.qube or [], _as_of(getattr(args, "as_of", None)))
@@ -120,11 +119,8 @@ def cmd_verify(args: argparse.Namespace) -> dict:
 
 def print_verify(result: dict) -> None:
     print_report(result)
-    scope = (
-        f"snapshot {result['snapshot']}"
-        if result.get("snapshot")
-        else f"the newest copy of {len(result['qubes'])} qube(s)"
-    )
+    n = len(result["qubes"])
+    scope = f"snapshot {result['snapshot']}" if result.get("snapshot") else f"the newest copy of {n} qube(s)"
     print(f"{scope}: every chunk authenticated against its sealed manifest; the engine check passed")
 
 
@@ -164,13 +160,11 @@ def data_subset(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not N% (at most 100), n/t, a size like 500M or last=N")
 
 
+RAW = argparse.RawDescriptionHelpFormatter  # the epilog's lines stay as written
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="qtb-pipe",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = Parser(prog="qtb-pipe", description=__doc__, epilog=EPILOG, formatter_class=RAW)
     p.add_argument("--version", action="version", version=f"qtb-pipe {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
@@ -179,11 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         """A command: `func(args)` returns its result, `show(result)` prints it without --json."""
         s = sub.add_parser(
-            name,
-            help=help,
-            description=description or help,
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, help=help, description=description or help, epilog=EPILOG, formatter_class=RAW
         )
         s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         s.add_argument("-v", "--verbose", action="store_true", help="show every command line qtb-pipe runs")
@@ -244,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("qubes", nargs="*", metavar="QUBE")
     s.add_argument("-x", "--exclude", action="append", default=[], metavar="QUBE")
     s.add_argument("--full", action="store_true", help="back up every selected qube, changed or not")
-    s.add_argument(
-        "--dry-run", action="store_true", help="say what would be backed up and why; change nothing"
-    )
+    s.add_argument("--dry-run", action="store_true", help="say what would be backed up and why")
 
     s = add(
         "restore",
@@ -261,9 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="snapshot id, see qtb-pipe list")
     s.add_argument("qubes", nargs="*", metavar="QUBE", help="restore only these of SNAPSHOT (default: all)")
     s.add_argument("--all", action="store_true", help="every qube, from its newest copy")
-    s.add_argument(
-        "--qube", action="append", metavar="NAME", help="this qube, from its newest copy (repeatable)"
-    )
+    s.add_argument("--qube", action="append", metavar="NAME", help="this qube's newest copy (repeatable)")
     s.add_argument("--as-of", metavar="TIME", help="with --all/--qube: the newest copies made by TIME")
     for group in (("rename_conflicting", "skip_conflicting"), ("skip_broken", "ignore_missing")):
         exclusive = s.add_mutually_exclusive_group()
@@ -294,10 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="default: the newest copy of every qube")
     s.add_argument(
-        "--read-data-subset",
-        metavar="N%|n/t",
-        type=data_subset,
-        help="also read this part of the repository data",
+        "--read-data-subset", metavar="N%|n/t", type=data_subset, help="also read this part of the data"
     )
     s.add_argument("--new-system", action="store_true", help="as for restore: no dom0 record of the snapshot")
     for key in ("skip_broken", "ignore_missing"):

@@ -91,10 +91,10 @@ def end_prune(engine: str, noted: set[str], listed: set[str]) -> set[str]:
 
 def check_records_writable() -> None:
     """Before a commit: a snapshot committed without a dom0 record could only be restored with
-    --new-system, so make sure the record can be written first."""
+    --new-system: a probe well over a record's size (an empty file is created on a full disk too)."""
     probe = records_dir() / f".probe-{os.getpid()}"
     try:
-        write_private(probe, b"")
+        write_private(probe, bytes(64 * 1024))
         probe.unlink()
     except OSError as e:
         raise QtbError(

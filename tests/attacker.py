@@ -9,6 +9,7 @@ on the qube's PATH). ~/attack.json says what to do:
   {"swap": "MEMBER", "from": SNAPSHOT}   serve MEMBER as stored in another snapshot
   {"serve": SNAPSHOT}                    serve another snapshot's stream for any dump
   {"serve": SNAPSHOT, "manifest": true}  ... and its manifest too
+  {"manifest_flip": SNAPSHOT}            flip one byte in the middle of SNAPSHOT's sealed manifest
   {"answer": {"COMMAND": JSON}}          answer COMMAND (commit, check, prune…) with JSON, exit 0,
                                          doing nothing (stdin is read and dropped)
   {"stall": "COMMAND", "seconds": N}     COMMAND hangs N seconds without reading stdin, then exits 1
@@ -64,6 +65,11 @@ def main(argv: list[str]) -> int:
     if command in attack.get("answer", {}):
         sys.stdin.buffer.read()
         print(json.dumps(attack["answer"][command]))
+        return 0
+    if command == "manifest" and rest[:1] == [attack.get("manifest_flip")]:
+        sealed = bytearray(real(*argv))
+        sealed[len(sealed) // 2] ^= 0x01
+        sys.stdout.buffer.write(bytes(sealed))
         return 0
     if command == "manifest" and attack.get("manifest") and "serve" in attack:
         sys.stdout.buffer.write(real("manifest", attack["serve"], *rest[1:]))

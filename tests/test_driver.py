@@ -119,6 +119,37 @@ def test_a_qube_whose_copy_fails_is_reported_and_the_others_still_verify(backed_
     assert all(result["qubes"][q]["ok"] for q in ALL if q != "work")
 
 
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_qube_whose_manifest_fails_is_reported_and_the_others_still_restore(
+    backed_up, fresh_world: Sim, engine
+):
+    """The manifest is fetched before any pass: one bad one must not stop the other qubes."""
+    world = backed_up.world
+    install_attacker(world, {"manifest_flip": backed_up.snapshots["work"]})
+    proc = qtb(world, "verify", "--json", check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 5 == result["exit_code"], proc.stderr.decode()
+    assert "manifest rejected" in result["qubes"]["work"]["error"] and result["unreadable"] == {}
+    assert all(result["qubes"][q]["ok"] for q in ALL if q != "work")
+    # a new system knows a snapshot's qubes only from its manifest: the snapshot is reported
+    setup_qtb(fresh_world, engine, backed_up.repo, recovery_key=backed_up.recovery_key)
+    install_attacker(fresh_world, {"manifest_flip": backed_up.snapshots["work"]})
+    args = ("--all", "--new-system", "--skip-dom0-home", "--ignore-missing", "--json")
+    proc = qtb(fresh_world, "restore", *args, check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 5, proc.stderr.decode()
+    assert list(result["unreadable"]) == [backed_up.snapshots["work"]]
+    assert set(result["qubes"]) == set(ALL) - {"work", "dom0"} and all(
+        q["ok"] for q in result["qubes"].values()
+    )
+    restored = fresh_world.digest()["qubes"]
+    for name in ("debian-12", "personal", "vault"):
+        assert restored[name]["files"] == world.digest(name)["qubes"][name]["files"], name
+    assert "work" not in restored
+    text = qtb(fresh_world, "verify", "--new-system", "--ignore-missing", check=False).stderr.decode()
+    assert f"snapshot {backed_up.snapshots['work']} failed: " in text and "manifest rejected" in text
+
+
 @pytest.mark.parametrize(
     "attack",
     [

@@ -130,6 +130,38 @@ def test_read_only_records_directory_stops_the_backup_before_the_commit(backed_u
     assert complete_ids(world) == set(backed_up.snapshots.values())  # nothing committed without a record
 
 
+def test_full_records_directory_stops_the_backup_before_the_commit(backed_up, engine):
+    """A full disk still lets an empty file be created: the probe must write a record's worth."""
+    world = backed_up.world
+    snapshots = world.dom0 / "var/lib/qtb-pipe/snapshots"
+    saved = {p.name: p.read_bytes() for p in snapshots.iterdir()}
+    with mounted(snapshots, "-t", "tmpfs", "-o", "size=64k", "tmpfs"):
+        for name, data in saved.items():
+            (snapshots / name).write_bytes(data)
+        filler = snapshots / ".filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+        text = one_line_error(qtb(world, "backup", "--full", "vault", check=False), 3)
+        assert "snapshot records" in text and "No space left" in text
+        assert not list(snapshots.glob(".probe-*"))  # the probe leaves nothing behind
+    assert complete_ids(world) == set(backed_up.snapshots.values())
+
+
+def test_a_commit_without_a_record_is_shown_and_never_trusted(backed_up, engine):
+    """A crash between the commit and dom0's record leaves a snapshot dom0 does not know."""
+    world = backed_up.world
+    work = backed_up.snapshots["work"]
+    next((world.dom0 / "var/lib/qtb-pipe/snapshots").glob(f"*-{work}.json")).unlink()
+    listed = qtb_json(world, "list")
+    assert {r["id"]: r["dom0_record"] for r in listed["snapshots"]}[work] == "not recorded"
+    assert "work" not in listed["qubes"]  # dom0's catalog holds no copy of it
+    assert "not recorded" in qtb(world, "list").stdout.decode()
+    assert "dom0 has no record" in one_line_error(qtb(world, "restore", work, check=False), 5)
+    assert qtb_json(world, "backup", "--dry-run")["qubes"]["work"]["status"] == "to back up"
+
+
 @pytest.mark.parametrize("engine", ["restic", "borg"])
 def test_full_backup_qube_says_so_on_every_run(world: Sim, engine: str):
     from drivertools import setup_qtb

@@ -23,7 +23,7 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
     for snap in listed:
         rec = records.get((cfg.engine, snap.id))
         # a snapshot whose id dom0 recorded with another backup is a warning sign
-        mark = "no" if rec is None else "yes" if rec.backup_id == snap.backup_id else "BAD"
+        mark = "not recorded" if rec is None else "yes" if rec.backup_id == snap.backup_id else "BAD"
         rows.append({**snap.__dict__, "engine": cfg.engine, "dom0_record": mark})
     copies = catalog(cfg.engine)
     if qube is not None and qube not in copies:
@@ -66,11 +66,11 @@ def print_list(result: dict) -> None:
         print(f"{name:<24} {short_id(q['latest']):<{w}} {age:>8} {q['copies']:>6}{gone}")
         for h in q.get("history", []):
             print(f"    {short_id(h['snapshot']):<{w}} {h['time']}{'' if h['in_repository'] else '  (gone)'}")
-    print(f"\n{'snapshot':<{w}} {'time':<26} {'state':<9} {'stream':>10} {'added':>10}  dom0  qubes")
+    print(f"\n{'snapshot':<{w}} {'time':<26} {'state':<9} {'stream':>10} {'added':>10}  {'dom0':<12} qubes")
     for r in result["snapshots"]:
         print(
             f"{short_id(r['id']):<{w}} {r['time']:<26} {r['state']:<9} {human_bytes(r['stream_bytes']):>10} "
-            f"{human_bytes(r['added_bytes']):>10}  {r['dom0_record']:<5} {', '.join(r['qubes'])}"
+            f"{human_bytes(r['added_bytes']):>10}  {r['dom0_record']:<12} {', '.join(r['qubes'])}"
         )
 
 

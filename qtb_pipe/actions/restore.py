@@ -264,16 +264,22 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
 
 def latest_copies(
     cfg: Config, names: list[str], as_of: str | None, new_system: bool, quiet: bool
-) -> dict[str, Manifest]:
+) -> tuple[dict[str, Manifest], dict[str, tuple[list[str], QtbError]]]:
     """Each qube's newest copy (made at or before `as_of`), as {snapshot: its verified manifest}:
-    from dom0's records, or on a new system from the repository, every manifest authenticated."""
+    from dom0's records, or on a new system from the repository, every manifest authenticated; and
+    {snapshot: (its chosen qubes, why)} for those whose manifest could not be had."""
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     secret = load_secret()
     newest: dict[str, tuple[str, str]] = {}  # qube -> (time, snapshot)
     found: dict[str, Manifest] = {}
+    failed: dict[str, tuple[list[str], QtbError]] = {}
     if new_system:
         for snap in (s for s in adapter.snapshots() if s.state == "complete"):
-            m = found[snap.id] = fetch_manifest(adapter, snap.id, secret, True, True)
+            try:
+                m = found[snap.id] = fetch_manifest(adapter, snap.id, secret, True, True)
+            except QtbError as e:  # what it holds is unknown until it verifies: it is reported
+                failed[snap.id] = ([], e)
+                continue
             for qube in m.qubes if as_of is None or m.created <= as_of else ():
                 newest[qube] = max(newest.get(qube, ("", "")), (m.created, snap.id))
     else:
@@ -293,9 +299,12 @@ def latest_copies(
         groups.setdefault(newest[qube][1], []).append(qube)
     manifests = {}
     for snapshot, chosen in groups.items():
-        m = found.get(snapshot) or fetch_manifest(adapter, snapshot, secret, quiet, False)
-        manifests[snapshot] = replace(m, qubes={q: m.qubes[q] for q in chosen})
-    return manifests
+        try:
+            m = found.get(snapshot) or fetch_manifest(adapter, snapshot, secret, quiet, False)
+            manifests[snapshot] = replace(m, qubes={q: m.qubes[q] for q in chosen})
+        except QtbError as e:  # one qube's copy failing leaves the others to restore
+            failed[snapshot] = (chosen, e)
+    return manifests, failed
 
 
 def restore_order(manifests: dict[str, Manifest]) -> list[str]:
@@ -312,7 +321,7 @@ def restore_order(manifests: dict[str, Manifest]) -> list[str]:
 def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_of: str | None) -> dict:
     """`restore --all` / `--qube NAME` and `verify` without a snapshot: one stock restore per snapshot
     that holds a chosen qube's newest copy. A qube whose copy fails is reported; the others go on."""
-    manifests = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json)
+    manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json)
     if opts.flags.skip_dom0_home:  # dom0's home is its own snapshot: leave that one out
         manifests = {
             s: replace(m, qubes={n: q for n, q in m.qubes.items() if n != "dom0"})
@@ -326,7 +335,19 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
         "verified_only": opts.flags.verify_only,
         "qubes": {},
         "snapshots": [],
+        "unreadable": {s: str(e) for s, (chosen, e) in unreadable.items() if not chosen},
     }
+    problems: list[tuple[str, QtbError]] = []
+
+    def failed(snapshot: str, chosen: list[str], e: QtbError) -> None:
+        problems.append((", ".join(chosen) or f"snapshot {snapshot}", e))
+        result["qubes"].update(
+            {q: {"snapshot": snapshot, "ok": False, "error": str(e), "exit_code": e.code} for q in chosen}
+        )
+        info(f"qtb-pipe: {problems[-1][0]} failed: {e}", opts.as_json)
+
+    for snapshot, (chosen, e) in unreadable.items():
+        failed(snapshot, chosen, e)
     for snapshot in restore_order(manifests):
         chosen = list(manifests[snapshot].qubes)
         try:
@@ -335,16 +356,11 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
                 {q: {**r, "snapshot": snapshot, "ok": True} for q, r in done["qubes"].items()}
             )
         except QtbError as e:
-            result["qubes"].update(
-                {q: {"snapshot": snapshot, "ok": False, "error": str(e), "exit_code": e.code} for q in chosen}
-            )
-            info(f"qtb-pipe: {', '.join(chosen)} failed: {e}", opts.as_json)
+            failed(snapshot, chosen, e)
         result["snapshots"].append(snapshot)
-    failed = {q: r for q, r in result["qubes"].items() if not r["ok"]}
-    if failed:
-        name, first = next(iter(failed.items()))
-        message = f"{len(failed)} qube(s) failed: {', '.join(failed)} ({name}: {first['error']})"
-        raise PartialFailure(message, first["exit_code"], result)
+    if problems:
+        (what, e), listed = problems[0], "; ".join(w for w, _ in problems)
+        raise PartialFailure(f"{len(problems)} failed: {listed} ({what}: {e})", e.code, result)
     return result
 
 
