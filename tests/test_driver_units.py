@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from qtb_pipe import qubes
 from qtb_pipe.actions.backup import check_run, qubes_xml_warning
-from qtb_pipe.actions.restore import resolve_snapshot_id
+from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order
 from qtb_pipe.adapter import Adapter, Member
 from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery_key
 from qtb_pipe.errors import QtbError
+from qtb_pipe.manifest import Manifest, QubeEntry
 from qtb_pipe.proc import Result
 from qtb_pipe.records import SnapshotRecord, save_record
 from qtb_pipe.runs import ShimRecord
@@ -151,3 +153,29 @@ def test_pending_member_names_and_commit_ids_must_fully_match(monkeypatch, name)
     answering(monkeypatch, {"id": name})
     with pytest.raises(QtbError, match="malformed"):
         Adapter("backup", "restic").commit("r1", b"sealed")
+
+
+def test_restore_order_puts_templates_and_net_qube_chains_first():
+    """qvm-backup-restore refuses a qube whose template or net qube is missing: with one restore per
+    snapshot, work -> sys-firewall -> sys-net must come back in that chain's order."""
+    qubes_of = {  # snapshot: (qube, class, template, netvm), in the worst order
+        "s-dom0": ("dom0", "AdminVM", None, None),
+        "s-work": ("work", "AppVM", "debian-12", "sys-firewall"),
+        "s-fw": ("sys-firewall", "AppVM", "debian-12", "sys-net"),
+        "s-net": ("sys-net", "AppVM", "debian-12", None),
+        "s-tpl": ("debian-12", "TemplateVM", None, None),
+        "s-vault": ("vault", "AppVM", "debian-12", "gone-net"),  # a net qube not restored here
+    }
+    manifests = {
+        s: Manifest(BID, "2026-11-24T01:02:03+00:00", "restic", {n: QubeEntry(f"{n}/", k, t, v)}, [], b"")
+        for s, (n, k, t, v) in qubes_of.items()
+    }
+    order = restore_order(manifests)
+    assert order.index("s-tpl") < order.index("s-net") < order.index("s-fw") < order.index("s-work")
+    assert order.index("s-tpl") < order.index("s-vault") and order[-1] == "s-dom0"
+    # a loop (each the other's net qube) is no reason to hang: both are still restored
+    loop = {n: QubeEntry(f"{n}/", "AppVM", None, m) for n, m in (("a", "b"), ("b", "a"))}
+    assert sorted(restore_order({n: replace(manifests["s-net"], qubes={n: loop[n]}) for n in loop})) == [
+        "a",
+        "b",
+    ]

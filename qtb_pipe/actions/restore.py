@@ -79,9 +79,8 @@ def refuse_before_data(
     entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo], flags: RestoreFlags
 ) -> dict[str, str]:
     """What qvm-backup-restore would refuse, said before any data is read: a name that is taken, a
-    template or (explicit) net qube neither on this system nor restored with them (qvm-backup-restore
-    marks those broken: facts §4; restore.py restore_info_verify). Returns the broken qubes
-    (--skip-broken leaves them out)."""
+    template or (explicit) net qube neither here nor restored with them, which it marks broken (facts
+    §4; restore.py restore_info_verify). Returns the broken qubes (--skip-broken leaves them out)."""
     broken = {}
     for name in chosen:
         q = entries[name]
@@ -110,10 +109,8 @@ def refuse_before_data(
 def file_bound(plan: list[dict], prefixes: list[str]) -> int:
     """The largest file this pass may write in dom0: a chunk as sent (data + trailer), or a file of
     the dom0 home, which restore unpacks there (bounded by the home's whole inner stream)."""
-    home = (
-        sum(c["size"] for c in plan if c["path"].startswith("dom0-home/")) if "dom0-home/" in prefixes else 0
-    )
-    return max([c["size"] + shim.TRAILER_SIZE for c in plan] + [home])
+    home = sum(c["size"] for c in plan if c["path"].startswith("dom0-home/"))
+    return max([c["size"] + shim.TRAILER_SIZE for c in plan] + [home if "dom0-home/" in prefixes else 0])
 
 
 def restore_pass(
@@ -308,14 +305,18 @@ def latest_copies(
 
 
 def restore_order(manifests: dict[str, Manifest]) -> list[str]:
-    """Templates first, then the qubes others use as net qube, then the rest, dom0's home last: each
-    restore then finds what its qubes need already there."""
-    netvms = {q.netvm for m in manifests.values() for q in m.qubes.values()}
-    rank = {"TemplateVM": 0, "AdminVM": 3}
-    return sorted(
-        manifests,
-        key=lambda s: min(rank.get(q.klass, 1 if n in netvms else 2) for n, q in manifests[s].qubes.items()),
-    )
+    """Each snapshot after those holding its qubes' templates and net qubes (chains like sys-firewall
+    -> sys-net too: qvm-backup-restore refuses a qube whose are missing); dom0's home last."""
+    entries = {n: q for m in manifests.values() for n, q in m.qubes.items()}
+
+    def depth(name: str, seen: frozenset[str] = frozenset()) -> int:
+        q = entries.get(name)
+        if q is None or name in seen:  # not restored here (or a loop): nothing to wait for
+            return 0
+        return 1 + max(depth(d or "", seen | {name}) for d in (q.template, q.netvm))
+
+    admin = {s for s, m in manifests.items() if any(q.klass == "AdminVM" for q in m.qubes.values())}
+    return sorted(manifests, key=lambda s: (s in admin, max(depth(n) for n in manifests[s].qubes)))
 
 
 def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_of: str | None) -> dict:
