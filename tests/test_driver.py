@@ -71,6 +71,7 @@ def test_whole_system_restores_from_each_qubes_newest_copy_onto_a_fresh_system(
 
 def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     world = backed_up.world
+    fixture_done = max(q["time"] for q in qtb_json(world, "list")["qubes"].values())
     again = qtb_json(world, "backup")
     assert {q for q, r in again["qubes"].items() if r["status"] == "backed up"} == {"dom0"}  # home: always
     assert again["qubes"]["work"]["why"].startswith(f"unchanged since {backed_up.snapshots['work'][:12]}")
@@ -91,6 +92,15 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert listed["work"]["copies"] == 2 and listed["work"]["latest"] == night["qubes"]["work"]["snapshot"]
     assert [h["snapshot"] for h in listed["work"]["history"]][1] == backed_up.snapshots["work"]
     assert listed["vault"]["copies"] == 2 and "history" not in listed["vault"]
+    # --as-of: the newest copies made by then; several --qube names, each from its own copy
+    args = ("--qube", "work", "--qube", "vault", "--verify-only")
+    then = qtb_json(world, "restore", *args, "--as-of", fixture_done)["qubes"]
+    assert {q: r["snapshot"] for q, r in then.items()} == {
+        q: backed_up.snapshots[q] for q in ("work", "vault")
+    }
+    now = qtb_json(world, "restore", *args)["qubes"]
+    assert now["work"]["snapshot"] == night["qubes"]["work"]["snapshot"] and now["work"]["ok"]
+    assert now["vault"]["snapshot"] == full["qubes"]["vault"]["snapshot"] and now["vault"]["ok"]
 
 
 def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up, engine):

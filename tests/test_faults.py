@@ -78,20 +78,42 @@ def test_negative_or_odd_keep_values_are_refused_on_both_sides(backed_up, engine
     config.write_text(good.replace("keep_daily = 7", "keep_daily = -1"))
     assert "retention.keep_daily" in one_line_error(qtb(world, "prune", check=False), 3)
     config.write_text(good)
+    # the adapter's own [retention] table: the same rule (it is the default of qtb-adapter prune)
+    adapter_toml = world.qube_home("backup") / ".config/qtb-pipe/adapter.toml"
+    kept = adapter_toml.read_text()
+    assert "[retention]" not in kept
+    adapter_toml.write_text(kept + "\n[retention]\nkeep_daily = -1\n")
+    text = one_line_error(world.run("qtb-adapter", "prune", inside="backup"), 3)
+    assert "keep_daily must be a whole number >= 0" in text
+    adapter_toml.write_text(kept)
     assert complete_ids(world) == set(backed_up.snapshots.values())  # nothing was removed
 
 
-def test_prune_works_right_after_a_restore(backed_up, engine):
-    """restic dump cut off by tar2qfile leaves stale locks; prune must not fail on them."""
+def test_a_damaged_pruning_journal_stops_prune_and_names_the_file(backed_up, engine):
     world = backed_up.world
+    journal = world.dom0 / f"var/lib/qtb-pipe/pruning-{engine}.json"
+    journal.write_text('["half a list')  # a prune killed mid-write cannot do this (atomic), a disk can
+    text = one_line_error(qtb(world, "prune", "--keep-last", "1", check=False), 3)
+    assert str(journal.name) in text and "damaged" in text
+    assert complete_ids(world) == set(backed_up.snapshots.values()) and len(records(world)) == len(
+        backed_up.snapshots
+    )  # nothing removed, no record forgotten
+    journal.unlink()
+    qtb_json(world, "prune", "--keep-last", "1", "--dry-run")
+
+
+def test_backup_and_prune_work_right_after_a_restore(backed_up, engine):
+    """restic dump cut off by tar2qfile leaves stale locks (borg: a killed borg extract); the
+    backup and the prune that come next must not fail on them."""
+    world = backed_up.world
+    old = backed_up.snapshots["vault"]
     mutate(world, "vault")
-    newer = qtb_json(world, "backup", "vault")["qubes"]["vault"]["snapshot"]
-    qtb(world, "verify", backed_up.snapshots["vault"])  # two restore passes' worth of cut-off dumps
+    qtb(world, "verify", old)  # two restore passes' worth of cut-off dumps
+    newer = qtb_json(world, "backup", "vault")["qubes"]["vault"]["snapshot"]  # straight after
+    qtb(world, "verify", old)
     result = qtb_json(world, "prune", "--keep-last", "1")
-    assert result["removed"] == [backed_up.snapshots["vault"]] and result["qubes"]["vault"]["remaining"] == [
-        newer
-    ]
-    qtb(world, "backup", "--full", "vault")  # and a backup after it
+    assert result["removed"] == [old] and result["qubes"]["vault"]["remaining"] == [newer]
+    qtb(world, "backup", "--full", "vault")  # and a backup after the prune
 
 
 @pytest.mark.parametrize(
