@@ -1,4 +1,4 @@
-"""Errors of qtb-adapter, each bound to the exit code documented in docs/design.md (Adapter section)."""
+"""Errors of qtb-adapter, each bound to the exit code documented in docs/adapters.md (Exit codes)."""
 
 from __future__ import annotations
 

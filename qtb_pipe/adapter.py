@@ -21,7 +21,7 @@ SNAPSHOT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,80}")  # the adapter's own ids (
 MEMBER_RE = re.compile(r"[A-Za-z0-9._/+-]{1,200}")
 TIME_RE = re.compile(r"[0-9T:.+ Z-]{1,40}")
 MAX_JSON = 8 * 1024 * 1024
-# Adapter exit codes (docs/design.md) → what the user should do.
+# Adapter exit codes (docs/adapters.md, Exit codes) → what the user should do.
 ADAPTER_EXIT = {
     3: ("the backup qube's repository is not initialised: run `qtb-adapter init` there", EXIT_QUBE),
     4: ("unknown or pending snapshot", EXIT_SNAPSHOT),

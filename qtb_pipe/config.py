@@ -162,12 +162,11 @@ def load_secret() -> str:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             text = f.read(200).decode("ascii", "replace").strip()
-    except FileNotFoundError:
-        raise QtbError(f"no backup secret at {path}: run `qtb-pipe init`", EXIT_CONFIG) from None
     except PermissionError:
         raise QtbError(f"cannot read {path}: run as the user that ran `qtb-pipe init`", EXIT_CONFIG) from None
-    except OSError as e:
-        raise QtbError(f"cannot read the backup secret {path}: {e.strerror}", EXIT_CONFIG) from None
+    except OSError as e:  # missing, a directory in its place, a disk error
+        hint = "`qtb-pipe init` makes one; after a reinstall `init --recovery-key KEY` puts it back"
+        raise QtbError(f"no backup secret at {path} ({e.strerror}): {hint}", EXIT_CONFIG) from None
     if mode & 0o077:
         raise QtbError(
             f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}): fix it with chmod 600 {path}",

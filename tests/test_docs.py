@@ -40,3 +40,24 @@ def test_dom0_knows_every_adapter_failure_code():
     failures = {int(c) for c in ExitCode} - {ExitCode.OK, ExitCode.OTHER, ExitCode.USAGE, ExitCode.BAD_INPUT}
     # usage and bad input are dom0's own mistakes or a hostile stream: the adapter's line is shown as is
     assert failures <= set(ADAPTER_EXIT), failures - set(ADAPTER_EXIT)
+
+
+def test_troubleshooting_rows_quote_messages_the_code_still_says():
+    """A row whose message was reworded in the code would send users looking for nothing."""
+    source = "".join(
+        p.read_text() for d in ("qtb_pipe", "adapters", "scrypt_shim") for p in (ROOT / d).rglob("*.py")
+    )
+    stock = ("retrieved backup size exceed expected size", "-> Done.")  # Qubes' own words
+    rows = [
+        ln
+        for ln in (ROOT / "docs/troubleshooting.md").read_text().splitlines()
+        if ln.startswith("| ") and "---" not in ln
+    ][1:]
+    assert len(rows) >= 20
+    for row in rows:
+        first = row.split(" | ")[0]
+        for quoted in (q for q in re.findall(r"`([^`]+)`", first) if q not in stock):
+            for part in re.split(r"…|QUBE|FILE|ENGINE|\bN\b|\bID\b", quoted):
+                part = part.strip(" ,:/.")
+                if len(part) >= 5:
+                    assert part in source, (part, row)

@@ -216,8 +216,10 @@ def test_secret_problems_are_config_errors(backed_up, engine):
     secret.chmod(0o644)
     assert "chmod 600" in one_line_error(qtb(world, "backup", check=False), 3)
     secret.unlink()
+    assert "qtb-pipe init" in one_line_error(qtb(world, "backup", check=False), 3)
     secret.mkdir()
-    one_line_error(qtb(world, "backup", check=False), 3)
+    text = one_line_error(qtb(world, "backup", check=False), 3)
+    assert "Is a directory" in text and "init --recovery-key" in text  # what it is, and the way back
 
 
 def test_every_command_removes_dead_runs_directories_and_keeps_live_ones(backed_up, engine):
