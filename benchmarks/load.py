@@ -26,7 +26,7 @@ def digest(world: Path, qube: str) -> dict:
 
 
 def many_nights(work: Path, env: dict, engine: str, nights: int = 30, size_mib: float = 16) -> dict:
-    night = Night(work, size_mib, env)
+    night = Night(work, size_mib, env, engines=(engine,))
     world, repo = night.world, night.home / f"repo-{engine}"
     _, first = night.timed_json("qtb-pipe", "backup", "--engine", engine)
     rows = []

@@ -36,14 +36,16 @@ print(json.dumps({"snapshot": unit["snapshot"], "stream_bytes": unit["stream_byt
 
 
 class Night:
-    def __init__(self, work: Path, size_mib: float, env: dict, pool: str = "vm-pool") -> None:
+    def __init__(
+        self, work: Path, size_mib: float, env: dict, pool: str = "vm-pool", engines=("restic", "borg")
+    ) -> None:
         self.world, self.env = work / "world", env
         sim("init", str(self.world), "--size-mib", str(size_mib), "--seed", "5", "--pool", pool)
         home = self.world / "qubes/backup/home/user"
         (home / "pw").write_text(ENGINE_PW + "\n")
         self.run("qtb-pipe", "init", "--backup-qube", "backup")
         self.run("qtb-pipe", "install-shim")
-        for engine in ("restic", "borg"):
+        for engine in engines:
             self.run(
                 "qtb-adapter", "init", "--engine", engine, "--repo", str(home / f"repo-{engine}"),
                 "--password-file", str(home / "pw"), inside="backup",
@@ -83,9 +85,11 @@ def whole_system_bytes_until(manifest_chunks: list[dict], prefix: str) -> int:
 
 
 def typical_night(work: Path, size_mib: float, env: dict) -> dict:
-    night = Night(work, size_mib, env)
+    """Each engine in a world of its own: the restores below add qubes (vault-1, work-1…), which
+    the next engine's nights would otherwise back up too."""
     results: dict = {}
     for engine in ("restic", "borg"):
+        night = Night(work / engine, size_mib, env, engines=(engine,))
         repo = night.home / f"repo-{engine}"
         r: dict = {}
         # the whole-system run first: the per-qube copies made after it are each qube's newest
@@ -93,7 +97,7 @@ def typical_night(work: Path, size_mib: float, env: dict) -> dict:
         whole = json.loads(out)
         r["whole_system_backup_seconds"] = round(seconds, 1)
         _, first = night.timed_json("qtb-pipe", "backup", "--full", "--engine", engine)
-        sim("mutate", str(night.world), *CHANGED, "--percent", "2", "--seed", str(31 + len(results)))
+        sim("mutate", str(night.world), *CHANGED, "--percent", "2", "--seed", "31")  # same change for both
         before = du(repo)
         seconds, nightly = night.timed_json("qtb-pipe", "backup", "--engine", engine)
         r["nightly"] = {

@@ -49,6 +49,12 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
     for config in ("qtb+restic", "qtb+borg"):
         assert {(config, "restore (1 pass)"), (config, "engine dump (via adapter)")} <= quarter
     assert set(data["marginal"]) == {"qtb+restic", "qtb+borg"}  # its figures are noise at this size
+    for engine, night in data["typical_night"].items():  # the night backs up only what ran
+        assert set(night["nightly"]["backed_up"]) == {"work", "vault", "dom0"}, engine
+        assert 0 < night["nightly"]["bytes_read"] < night["full_same_state"]["bytes_read"], engine
+        small_own, small_whole = night["restore_small_own_copy"], night["restore_small_whole_system"]
+        assert 0 < small_own["bytes_read"] < small_whole["bytes_read"], engine
+    assert set(data["typical_night"]) == {"restic", "borg"}
     assert "Per-byte speed" in (out / "results.md").read_text()
     assert (out / "results.md").stat().st_size > 0
     assert (out / "throughput.png").stat().st_size > 0 and (out / "repository-size.png").stat().st_size > 0
