@@ -144,8 +144,12 @@ def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int
             raise UnpackError("limit exceeded", errno.EDQUOT)
         path = target / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: a file already present is never overwritten by data from the VM
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # O_EXCL: a file already present (a name served twice before the first copy was decrypted
+        # and removed) is never overwritten; the unpacker exits with the errno (unpack.c ~l.218-220)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise UnpackError(f"{name}: {e.strerror}", e.errno or errno.EIO) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 left = size

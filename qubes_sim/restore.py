@@ -296,7 +296,7 @@ class Restore:
         def retrieve() -> None:
             try:
                 self._retrieve(dirs, limit_count, size, files.put)
-            except SimError as e:
+            except Exception as e:  # anything, not only SimError: a lost failure would look like success
                 failure.append(e)
             finally:
                 files.put(None)

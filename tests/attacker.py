@@ -7,6 +7,7 @@ on the qube's PATH). ~/attack.json says what to do:
   {"drop_last_of": "FILE"}               leave out the last chunk of FILE (e.g. vm1/root.img)
   {"inflate": "MEMBER", "to": BYTES}     serve MEMBER padded with zeros to BYTES (a dom0 disk filler)
   {"swap": "MEMBER", "from": SNAPSHOT}   serve MEMBER as stored in another snapshot
+  {"reserve": "MEMBER", "after": "OTHER"} serve the genuine MEMBER once more, right after OTHER
   {"serve": SNAPSHOT}                    serve another snapshot's stream for any dump
   {"serve": SNAPSHOT, "manifest": true}  ... and its manifest too
   {"manifest_flip": SNAPSHOT}            flip one byte in the middle of SNAPSHOT's sealed manifest
@@ -20,6 +21,7 @@ Everything else is passed to the real adapter unchanged.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -91,6 +93,10 @@ def main(argv: list[str]) -> int:
     if "drop_last_of" in attack:
         chunks = [i.name for i, _ in items if i.name.startswith(attack["drop_last_of"] + ".")]
         items = [(i, d) for i, d in items if i.name != max(chunks)]
+    if "reserve" in attack:
+        again = next(pair for pair in items if pair[0].name == attack["reserve"])
+        at = next(n for n, (i, _) in enumerate(items) if i.name == attack["after"]) + 1
+        items.insert(at, (copy.copy(again[0]), again[1]))
     if "swap" in attack:
         older = dict((i.name, (i, d)) for i, d in members(real("dump", attack["from"], *rest[1:])))
         items = [older[i.name] if i.name == attack["swap"] else (i, d) for i, d in items]

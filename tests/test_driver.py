@@ -11,10 +11,21 @@ import os
 import subprocess
 from pathlib import Path
 
+import pexpect
 import pytest
 from conftest_remote import rclone_rest_server, sshd_server
-from drivertools import ALL, adapter_init, install_attacker, mutate, qtb, qtb_json, remove_attacker, setup_qtb
-from simtools import Sim, make_world
+from drivertools import (
+    ALL,
+    QTB_ENV,
+    adapter_init,
+    install_attacker,
+    mutate,
+    qtb,
+    qtb_json,
+    remove_attacker,
+    setup_qtb,
+)
+from simtools import FAST_ENV, Sim, make_world
 
 __all__ = ["rclone_rest_server", "sshd_server"]  # fixtures, found by pytest here
 
@@ -103,6 +114,25 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert now["vault"]["snapshot"] == full["qubes"]["vault"]["snapshot"] and now["vault"]["ok"]
 
 
+@pytest.mark.parametrize("engine", ["restic"])
+def test_backup_progress_is_drawn_on_a_terminal(backed_up, engine):
+    """Real qvm-backup's `Making a backup... NN.NN%` (qubes-sim prints it too), drawn by qtb-pipe
+    as one line per qube on a terminal, and cleared before the summary."""
+    # qubesd sends at most one progress event a second: 64 KiB chunks make the run last a few
+    small_chunks = {"QUBES_SIM_TEST_CHUNK_SIZE": str(64 * 1024)}
+    env = {k: v for k, v in {**os.environ, **FAST_ENV, **QTB_ENV, **small_chunks}.items() if v is not None}
+    argv = ["run", str(backed_up.world.root), "--", "qtb-pipe", "backup", "--full", "debian-12"]
+    child = pexpect.spawn("qubes-sim", argv, env=env, timeout=300)
+    child.expect(r"\rbackup debian-12: +[0-9]{1,3}\.[0-9]%")
+    child.expect(r"\r\x1b\[K")  # the line is cleared when the qube is done
+    child.expect(r"1 qube\(s\) backed up: ")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    # not on a terminal (a timer's run, a pipe): no progress line at all
+    assert b"backup vault:" not in qtb(backed_up.world, "backup", "--full", "vault").stderr
+
+
 def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up, engine):
     world = backed_up.world
     verify = qtb_json(world, "verify")
@@ -181,6 +211,48 @@ def test_attacking_backup_qube_is_refused(backed_up, fresh_world: Sim, attack: d
     assert b"refused" in proc.stderr or b"did not serve" in proc.stderr
     assert fresh_world.digest() == before  # nothing restored: not even a qube created
     assert qtb(fresh_world, "verify", template, "--new-system", check=False).returncode == 5
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        {"reserve": "vm1/root.img.000.enc", "after": "vm1/private.img.000.enc"},  # after a later file
+        {"reserve": "vm1/root.img.000.enc", "after": "vm1/root.img.002.enc"},  # inside its own file
+    ],
+    ids=["after-a-later-file", "inside-its-file"],
+)
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_genuine_chunk_served_again_is_refused(backed_up, engine, attack: dict):
+    """Issue 13.1 through the real commands. Real restore starts a new inner tar at any `.000` (and
+    calls scrypt for it), so a re-served first chunk would truncate that volume and still exit 0."""
+    world = backed_up.world
+    snapshot = backed_up.snapshots["debian-12"]  # vm1: root.img.000-004, then private.img.000
+    proc = world.run("qtb-adapter", "manifest", snapshot, "--engine", engine, inside="backup")
+    paths = [c["path"] for c in json.loads(proc.stdout)["manifest"]["chunks"]]
+    assert {attack["reserve"][:-4], attack["after"][:-4]} <= set(paths)
+    install_attacker(world, attack)
+    for args in (("verify", snapshot), ("restore", snapshot, "--rename-conflicting", "--single-pass")):
+        proc = qtb(world, *args, "--json", check=False)
+        assert proc.returncode == 5, (args, proc.stderr.decode())
+        # the name comes again either before dom0 decrypted (and removed) the first copy, and the
+        # unpacker refuses to overwrite it, or after, and the shim refuses it: timing decides which
+        error = json.loads(proc.stdout)["error"]
+        assert "out of order" in error or "served a file twice" in error, (args, error)
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_missing_template_is_said_before_any_data_is_read(backed_up, fresh_world: Sim, engine):
+    """Issue 13.4: stock restore refuses a qube whose template is neither there nor restored with
+    it, --verify-only too, unless --skip-broken or --ignore-missing."""
+    setup_qtb(fresh_world, engine, backed_up.repo, recovery_key=backed_up.recovery_key)
+    for extra in ((), ("--verify-only",)):
+        proc = qtb(fresh_world, "restore", "--qube", "work", "--new-system", *extra, check=False)
+        assert proc.returncode == 2 and b"needs template debian-12" in proc.stderr, proc.stderr
+    proc = qtb(
+        fresh_world, "restore", "--qube", "work", "--new-system", "--skip-broken", "--json", check=False
+    )
+    assert proc.returncode == 1 and "nothing to restore" in json.loads(proc.stdout)["qubes"]["work"]["error"]
+    assert "work" not in fresh_world.digest()["qubes"]
 
 
 @pytest.mark.parametrize("engine", ["restic"])

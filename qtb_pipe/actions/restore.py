@@ -138,12 +138,11 @@ def restore_pass(
         failure = run.failure()
         if failure:
             raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
-        if CUT_AT_BOUND.search(res.stderr):
-            raise QtbError(
-                "refused: the backup qube served a file larger than the sealed manifest allows (dom0 "
-                f"cut it at {file_bound(plan, prefixes)} bytes); nothing unverified was restored",
-                EXIT_VERIFY,
-            )
+        if cut := UNPACKER_REFUSAL.search(res.stderr):
+            bound = f"larger than the manifest allows (dom0 cut it at {file_bound(plan, prefixes)} bytes)"
+            what = "twice (dom0's unpacker never overwrites one)" if cut[1] == b"17" else bound
+            refusal = f"refused: the backup qube served a file {what}; nothing unverified was restored"
+            raise QtbError(refusal, EXIT_VERIFY)
         if res.code != 0:
             raise QtbError(
                 f"qvm-backup-restore failed: {proc.one_line(res.stderr, 'no message')}", EXIT_FAILED
@@ -162,11 +161,12 @@ def restore_pass(
         run.remove()
 
 
-# The unpacker killed by SIGXFSZ at the file size bound set from the manifest (RLIMIT_FSIZE), as
-# restore.py ~l.1592-1597 reports it: "unable to read the qubes backup file LOCATION (-25): …".
-# LOCATION is the driver's own dump command; the backup qube's text only comes after it.
-CUT_AT_BOUND = re.compile(
-    rb"unable to read the qubes backup file qtb-adapter dump [0-9a-zA-Z-]+ [^\n(]*\(-25\):"
+# The unpacker killed by SIGXFSZ at the file size bound set from the manifest (RLIMIT_FSIZE), or
+# exiting EEXIST (17) on a name served twice (unpack.c ~l.218-220), as restore.py ~l.1592-1597
+# reports it: "unable to read the qubes backup file LOCATION (-25): …". LOCATION is the driver's own
+# dump command; the backup qube's text only comes after it.
+UNPACKER_REFUSAL = re.compile(
+    rb"unable to read the qubes backup file qtb-adapter dump [0-9a-zA-Z-]+ [^\n(]*\((-25|17)\):"
 )
 
 # What stock qvm-backup-restore logs, and still exits 0, when a qube's data did not make it
