@@ -139,17 +139,21 @@ def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int
         if name.startswith("/") or ".." in name.split("/") or not name:
             raise UnpackError(f"invalid file name from VM: {name!r}", errno.EINVAL)
         files += 1
-        total_bytes += size
-        if (max_files and files > max_files) or (max_bytes and total_bytes > max_bytes):
+        if max_files and files > max_files:
             raise UnpackError("limit exceeded", errno.EDQUOT)
         path = target / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: a file already present (a name served twice before the first copy was decrypted
-        # and removed) is never overwritten; the unpacker exits with the errno (unpack.c ~l.218-220)
+        # and removed) is never overwritten; the unpacker exits with the errno (unpack.c ~l.218-220),
+        # and checks the byte limit only after the open (~l.223-226)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise UnpackError(f"{name}: {e.strerror}", e.errno or errno.EIO) from None
+        total_bytes += size
+        if max_bytes and total_bytes > max_bytes:
+            os.close(fd)
+            raise UnpackError("limit exceeded", errno.EDQUOT)
         try:
             with os.fdopen(fd, "wb") as f:
                 left = size

@@ -291,12 +291,12 @@ class Restore:
             return
         extractor = InnerExtractor(self, self.options.verify_only, {t.subdir.rstrip("/"): t for t in todo})
         files: queue.Queue[str | None] = queue.Queue()
-        failure: list[SimError] = []
+        failure: list[BaseException] = []
 
         def retrieve() -> None:
             try:
                 self._retrieve(dirs, limit_count, size, files.put)
-            except Exception as e:  # anything, not only SimError: a lost failure would look like success
+            except BaseException as e:  # anything, not only SimError: a lost failure would look like success
                 failure.append(e)
             finally:
                 files.put(None)

@@ -9,7 +9,7 @@ import pytest
 
 from qtb_pipe import qubes
 from qtb_pipe.actions.backup import check_run, qubes_xml_warning
-from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order
+from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order, unpacker_refusal
 from qtb_pipe.adapter import Adapter, Member
 from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery_key
 from qtb_pipe.errors import QtbError
@@ -179,3 +179,15 @@ def test_restore_order_puts_templates_and_net_qube_chains_first():
         "a",
         "b",
     ]
+
+
+def test_unpacker_refusal_counts_only_the_drivers_own_location():
+    """The location is dom0's own command; the backup qube's stderr comes after it on that line, so a
+    forged second occurrence changes nothing, and an adapter_command given as a path still matches."""
+    loc = "/usr/local/bin/qtb-adapter dump 0123abcd --engine restic"
+    line = b"Error extracting data: unable to read the qubes backup file %s (%s): b'%s'"
+    assert unpacker_refusal(line % (loc.encode(), b"17", b""), loc) == b"17"
+    assert unpacker_refusal(line % (loc.encode(), b"-25", b""), loc) == b"-25"
+    forged = b"unable to read the qubes backup file " + loc.encode() + b" (17):"
+    assert unpacker_refusal(line % (loc.encode(), b"22", forged), loc) is None
+    assert unpacker_refusal(line % (b"qtb-adapter dump other --engine restic", b"17", b""), loc) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import re
 import subprocess
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import attacker
 import pytest
 from simtools import Sim, make_world
+
+from qubes_sim import qrexec
 
 BACKED_UP = ("debian-12", "work", "personal", "vault", "dom0")
 
@@ -319,3 +323,18 @@ def test_qubes_xml_over_the_cap_from_a_qube_is_an_unexpected_empty_file_list(
     assert proc.stderr.decode().endswith(
         "qvm-backup-restore: error: unexpected files in archive: got [], expected ['qubes.xml.000.enc']\n"
     ), proc.stderr
+
+
+def test_the_unpacker_never_overwrites_a_file_and_exits_with_its_errno(tmp_path: Path):
+    """qrexec-lib/unpack.c opens O_EXCL and exits with errno: a name served twice before its first
+    copy was removed is EEXIST (17), not a second file and not a silent end."""
+    stream = io.BytesIO()
+    for _ in range(2):
+        qrexec.write_frame(stream, b"vm1/root.img.000.enc", 3)
+        stream.write(b"abc")
+    stream.seek(0)
+    got: list[str] = []
+    with pytest.raises(qrexec.UnpackError) as failed:
+        qrexec.unpack_qfile(stream, tmp_path, 0, 0, got.append)
+    assert failed.value.code == errno.EEXIST and got == ["vm1/root.img.000.enc"]
+    assert (tmp_path / "vm1/root.img.000.enc").read_bytes() == b"abc"

@@ -138,9 +138,9 @@ def restore_pass(
         failure = run.failure()
         if failure:
             raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
-        if cut := UNPACKER_REFUSAL.search(res.stderr):
+        if cut := unpacker_refusal(res.stderr, location):
             bound = f"larger than the manifest allows (dom0 cut it at {file_bound(plan, prefixes)} bytes)"
-            what = "twice (dom0's unpacker never overwrites one)" if cut[1] == b"17" else bound
+            what = "twice (dom0's unpacker never overwrites one)" if cut == b"17" else bound
             refusal = f"refused: the backup qube served a file {what}; nothing unverified was restored"
             raise QtbError(refusal, EXIT_VERIFY)
         if res.code != 0:
@@ -164,10 +164,14 @@ def restore_pass(
 # The unpacker killed by SIGXFSZ at the file size bound set from the manifest (RLIMIT_FSIZE), or
 # exiting EEXIST (17) on a name served twice (unpack.c ~l.218-220), as restore.py ~l.1592-1597
 # reports it: "unable to read the qubes backup file LOCATION (-25): …". LOCATION is the driver's own
-# dump command; the backup qube's text only comes after it.
-UNPACKER_REFUSAL = re.compile(
-    rb"unable to read the qubes backup file qtb-adapter dump [0-9a-zA-Z-]+ [^\n(]*\((-25|17)\):"
-)
+# dump command; the backup qube's stderr only comes after it, so only the first occurrence counts.
+def unpacker_refusal(stderr: bytes, location: str) -> bytes | None:
+    found = re.search(
+        rb"unable to read the qubes backup file " + re.escape(location.encode()) + rb" \((-?[0-9]+)\):",
+        stderr,
+    )
+    return found[1] if found and found[1] in (b"-25", b"17") else None
+
 
 # What stock qvm-backup-restore logs, and still exits 0, when a qube's data did not make it
 # (qubesadmin/backup/restore.py: restore_do ~l.2039-2042, _handle_volume_data ~l.1959, ExtractWorker
