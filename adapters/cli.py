@@ -118,6 +118,12 @@ def build_parser() -> Parser:
         help="qubes whose newest copy is kept whatever the rules say (default: every qube; "
         "dom0 passes the qubes that still exist)",
     )
+    p.add_argument(
+        "--recorded",
+        metavar="FILE",
+        help="snapshot ids, one a line ('-': stdin), that dom0 holds a record of: only those count as "
+        "a protected qube's copies (default: every snapshot; dom0 passes its records)",
+    )
 
     p = sub.add_parser("check", parents=[common], help="the engine's integrity check")
     p.add_argument("--read-data", action="store_true", help="read and verify all data")
@@ -176,6 +182,15 @@ def _keep_policy(args: argparse.Namespace, defaults: dict[str, int]) -> KeepPoli
     given = {key: getattr(args, key) for key in KEEP_KEYS if getattr(args, key) is not None}
     values = given or defaults
     return KeepPolicy(**{key.removeprefix("keep_"): int(value) for key, value in values.items()})
+
+
+def _read_lines(source: str) -> list[str]:
+    """Non-empty lines of a file, or of stdin for '-'."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {source}: {e}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _settings(pairs: list[str]) -> dict[str, str | int | bool]:
@@ -246,7 +261,8 @@ def dispatch(args: argparse.Namespace) -> int:
         _emit(args, data, _list_text(data))
     elif args.command == "prune":
         protected = None if args.protect is None else {q for q in args.protect.split(",") if q}
-        data = cmd_prune(session, _keep_policy(args, session.config.keep), args.dry_run, protected)
+        recorded = None if args.recorded is None else set(_read_lines(args.recorded))
+        data = cmd_prune(session, _keep_policy(args, session.config.keep), args.dry_run, protected, recorded)
         _emit(
             args,
             data,

@@ -412,15 +412,20 @@ def cmd_list(session: Session, include_pending: bool) -> dict[str, Any]:
 
 # -- prune --------------------------------------------------------------------------------------
 def cmd_prune(
-    session: Session, policy: KeepPolicy, dry_run: bool, protected: set[str] | None
+    session: Session,
+    policy: KeepPolicy,
+    dry_run: bool,
+    protected: set[str] | None,
+    recorded: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Retention per qube (retention.per_qube); `protected` None protects every qube's newest copy."""
+    """Retention per qube (retention.per_qube); `protected` None protects every qube's newest copy,
+    `recorded` None counts every snapshot as a copy dom0 can restore."""
     if policy.empty:
         raise UsageError("prune needs at least one --keep-* option (or a [retention] table in the config)")
     listing = session.listing()
     complete = {s.id: s for s in listing.complete}  # pending ones are not there for prune
     copies = [Copies(s.id, s.time, tuple(s.commit.qubes if s.commit else ())) for s in complete.values()]
-    keep, remove, kept = per_qube(copies, policy, protected)
+    keep, remove, kept = per_qube(copies, policy, protected, recorded)
     result: dict[str, Any] = {
         "policy": policy.as_dict(),
         "dry_run": dry_run,

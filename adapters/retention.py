@@ -89,21 +89,30 @@ class Copies:
 
 
 def per_qube(
-    snapshots: Sequence[Copies], policy: KeepPolicy, protected: set[str] | None
+    snapshots: Sequence[Copies],
+    policy: KeepPolicy,
+    protected: set[str] | None,
+    recorded: set[str] | None = None,
 ) -> tuple[list[Copies], list[Copies], dict[str, list[str]]]:
-    """(keep, remove, what each qube keeps newest first). `protected` None: every qube is."""
+    """(keep, remove, what each qube keeps newest first). `protected` None: every qube is.
+    `recorded` (None: every snapshot) are the snapshots dom0 holds a record of: only those count as a
+    protected qube's own copies, since dom0 restores only from what it recorded. A snapshot committed
+    without a record (the run died between the two) is kept where the timeline keeps it, and cannot
+    push a qube's recorded copy out. A qube with no recorded copy at all (a new dom0) counts all."""
     timeline, _ = apply_policy([Dated(s.id, s.time) for s in snapshots], policy)
     kept: dict[str, list[str]] = {}
     for qube in sorted({q for s in snapshots for q in s.qubes}):
         copies = [Dated(s.id, s.time) for s in snapshots if qube in s.qubes]
+        own = [d for d in copies if recorded is None or d.id in recorded] or copies
         if protected is not None and qube not in protected:
             kept[qube] = [d.id for d in timeline if d in copies]
             continue
-        keep, _ = apply_policy(copies, policy)
-        newest = max(copies, key=lambda d: d.time)
+        keep, _ = apply_policy(own, policy)
+        newest = max(own, key=lambda d: d.time)
         if newest not in keep:
-            keep.insert(0, newest)  # a qube's newest copy is never lost to retention
-        kept[qube] = [d.id for d in keep]
+            keep.append(newest)  # a qube's newest copy is never lost to retention
+        keep += [d for d in timeline if d in copies and d not in own]
+        kept[qube] = [d.id for d in sorted(keep, key=lambda d: d.time, reverse=True)]
     keep_ids = {i for ids in kept.values() for i in ids} | {s.id for s in snapshots if not s.qubes}
     ordered = sorted(snapshots, key=lambda s: s.time, reverse=True)
     return [s for s in ordered if s.id in keep_ids], [s for s in ordered if s.id not in keep_ids], kept

@@ -191,13 +191,14 @@ class Adapter:
         with contextlib.suppress(QtbError):
             self._call("ping", state, "--engine", self.engine, input=message.encode())  # bounded there
 
-    def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str]) -> Any:
-        args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}"]
+    def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str], recorded: list[str]) -> Any:
+        """Only snapshots dom0 recorded count as a protected qube's copies (ids on stdin: many)."""
+        args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}", "--recorded=-"]
         for key, value in retention.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         if dry_run:
             args.append("--dry-run")
-        return self._json(*args)
+        return self._json(*args, input="".join(f"{i}\n" for i in recorded).encode())
 
     def check(self, read_data_subset: str | None = None) -> Any:
         args = ["check", "--engine", self.engine]

@@ -89,6 +89,27 @@ def test_per_qube_ages_out_a_qube_deleted_from_dom0(utc_local_time) -> None:
     assert kept["debian-12"] == [] and _ids(remove) == ["s2", "s1", "s0"]
 
 
+def test_per_qube_counts_only_copies_dom0_recorded(utc_local_time) -> None:
+    """A run that died between the commit and dom0's record leaves a snapshot dom0 cannot restore
+    from (its manifest hash is not recorded): it must not push out the qube's recorded copy."""
+    base = datetime(2026, 6, 17, 12, 0, tzinfo=UTC)
+    runs = [
+        Copies("s0", base, ("work", "vault")),
+        Copies("s1", base + timedelta(hours=1), ("work",)),  # committed, no record in dom0
+    ]
+    keep, remove, kept = per_qube(runs, KeepPolicy(last=1), {"work", "vault"}, {"s0"})
+    # without `recorded`, s1 would be work's newest copy and keep-last 1 would remove s0
+    assert per_qube(runs, KeepPolicy(last=1), {"work", "vault"})[2]["work"] == ["s1"]
+    assert kept["work"] == ["s1", "s0"] and _ids(keep) == ["s1", "s0"] and remove == []
+    # the unrecorded snapshot ages out by the timeline; the recorded copy stays
+    later = [*runs, Copies("s2", base + timedelta(hours=2), ("vault",))]
+    keep, remove, kept = per_qube(later, KeepPolicy(last=1), {"work", "vault"}, {"s0", "s2"})
+    assert kept["work"] == ["s0"] and _ids(keep) == ["s2", "s0"] and _ids(remove) == ["s1"]
+    # a qube with no recorded copy at all (a new dom0) counts every copy it has
+    _, remove, kept = per_qube(later, KeepPolicy(last=1), {"work", "vault"}, {"s2"})
+    assert kept["work"] == ["s1"] and _ids(remove) == ["s0"]
+
+
 @pytest.mark.parametrize("engine", ["restic", "borg"])
 def test_prune_ignores_pending_and_drop_pending_removes_them(engine: str, tmp_path: Path) -> None:
     backup = make_backup(51, volumes={"vm1/private.img": 200_000}, chunk_bytes=64 * 1024)

@@ -184,6 +184,21 @@ def test_a_commit_without_a_record_is_shown_and_never_trusted(backed_up, engine)
     assert qtb_json(world, "backup", "--dry-run")["qubes"]["work"]["status"] == "to back up"
 
 
+def test_prune_never_lets_an_unrecorded_snapshot_replace_a_qubes_recorded_copy(backed_up, engine):
+    """A newer copy committed without dom0's record (a crash between the two) cannot be restored
+    through qtb-pipe: keep-last 1 must not count it as the qube's copy and remove the recorded one."""
+    world = backed_up.world
+    recorded = backed_up.snapshots["work"]
+    unrecorded = qtb_json(world, "backup", "--full", "work")["qubes"]["work"]["snapshot"]
+    next((world.dom0 / "var/lib/qtb-pipe/snapshots").glob(f"*-{unrecorded}.json")).unlink()
+    result = qtb_json(world, "prune", "--keep-last", "1")
+    assert recorded not in result["removed"] and result["qubes"]["work"]["remaining"] == [recorded]
+    assert unrecorded in result["kept"]  # the newest run in the timeline: kept by the rules
+    assert qtb_json(world, "list")["qubes"]["work"]["latest"] == recorded
+    work = qtb_json(world, "verify", recorded)["qubes"]["work"]  # dom0 still restores from it
+    assert work["verified"] == work["chunks"] > 0
+
+
 @pytest.mark.parametrize("engine", ["restic", "borg"])
 def test_full_backup_qube_says_so_on_every_run(world: Sim, engine: str):
     from drivertools import setup_qtb

@@ -15,7 +15,7 @@ from ..adapter import Adapter, Member, adapter_failure
 from ..config import Config, load_secret, root
 from ..errors import EXIT_FAILED, EXIT_QUBE, EXIT_SHIM, EXIT_USAGE, EXIT_VERIFY, PartialFailure, QtbError
 from ..fingerprint import Unknown, domains, explicit, fingerprints
-from ..records import SnapshotRecord, catalog, check_records_writable, load_records, save_record
+from ..records import SnapshotRecord, catalog, check_records_writable, save_record
 from ..runs import Run, ShimRecord
 from ..ui import Progress, human_bytes, human_duration, info, short_id
 
@@ -103,28 +103,18 @@ def check_run(records: list[ShimRecord], stored: list[Member]) -> str:
     return ids.pop()
 
 
-def confirm_commit(adapter: Adapter, snapshot_id: str, sealed: bytes, digest: str) -> str:
-    """A commit is complete only once dom0 has confirmed it: the id is not one dom0 recorded with
-    another manifest, and the manifest the repository now serves for it is the one dom0 sealed."""
-    known = load_records().get((adapter.engine, snapshot_id))
-    if known is not None and known.manifest_sha256 != digest:
-        raise QtbError(
-            f"the backup qube answered the commit with snapshot {snapshot_id}, which dom0 recorded "
-            "for another backup; nothing was recorded",
-            EXIT_VERIFY,
-        )
+def confirm_commit(adapter: Adapter, snapshot_id: str, sealed: bytes) -> str:
+    """A commit is complete only once the repository serves, for the id it answered, the manifest dom0
+    sealed (an id that stored nothing, or an older snapshot's, fails here; save_record then refuses to
+    replace a record with another manifest)."""
     try:
-        stored = adapter.manifest(snapshot_id)
+        ok = adapter.manifest(snapshot_id) == sealed
     except QtbError:
+        ok = False
+    if not ok:
         raise QtbError(
-            f"the backup qube reported snapshot {snapshot_id} committed but cannot serve its manifest; "
-            "nothing was recorded",
-            EXIT_VERIFY,
-        ) from None
-    if stored != sealed:
-        raise QtbError(
-            f"the backup qube stores another manifest for snapshot {snapshot_id} than dom0 sealed; "
-            "nothing was recorded",
+            f"the backup qube reported snapshot {snapshot_id} committed but does not serve the manifest "
+            "dom0 sealed for it; nothing was recorded",
             EXIT_VERIFY,
         )
     return snapshot_id
@@ -178,7 +168,7 @@ def backup_unit(
         chunks = [{"path": r.path, "size": r.size, "tag": r.tag} for r in records if r.op == "enc"]
         sealed = manifest.build(bytes.fromhex(secret), backup_id, created, cfg.engine, entries, chunks)
         committed = adapter.commit(run.run_id, sealed.sealed)
-        snapshot_id = confirm_commit(adapter, committed["id"], sealed.sealed, sealed.sha256)
+        snapshot_id = confirm_commit(adapter, committed["id"], sealed.sealed)
     finally:
         progress.done()
         run.remove()

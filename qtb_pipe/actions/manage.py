@@ -87,7 +87,10 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     before = {s.id for s in adapter.snapshots() if s.state == "complete"}
     noted = before if dry_run else begin_prune(cfg.engine, before)
-    answer = adapter.prune(retention, dry_run, sorted(existing))
+    copies = catalog(cfg.engine)
+    answer = adapter.prune(
+        retention, dry_run, sorted(existing), sorted({r.id for c in copies.values() for r in c})
+    )
     would = answer.get("remove") if isinstance(answer, dict) else None
     if not isinstance(would, list) or not all(
         isinstance(i, str) and SNAPSHOT_ID_RE.fullmatch(i) for i in would
@@ -98,7 +101,7 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
         removed = end_prune(cfg.engine, noted, {s.id for s in adapter.snapshots() if s.state == "complete"})
     remaining = {
         name: {"remaining": [r.id for r in recs if r.id not in removed], "exists_in_dom0": name in existing}
-        for name, recs in catalog(cfg.engine).items()
+        for name, recs in copies.items()
     }
     return {
         "retention": retention,
