@@ -88,7 +88,7 @@ class Config:
             f"start_backup_qube = {'true' if self.start_backup_qube else 'false'}",
             "# the adapter in the backup qube (a full path if it is not on the qrexec services' PATH)",
             f"adapter_command = {q(self.adapter_command)}",
-            "# stop a backup when qvm-backup says nothing for this many seconds (0: never)",
+            "# stop a backup or restore that makes no progress for this many seconds (0: never)",
             f"stall_timeout = {self.stall_timeout}",
             "",
             "[retention]",

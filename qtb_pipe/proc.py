@@ -40,7 +40,6 @@ class Result:
     code: int
     stdout: bytes
     stderr: bytes
-    stalled: bool = False  # stopped by `stream`'s stall watchdog
 
 
 def _spawn(argv: list[str], stdin: int, preexec: Callable[[], None] | None = None) -> subprocess.Popen:
@@ -103,17 +102,19 @@ def stream(
     on_stderr: Callable[[bytes], None] | None = None,
     file_bytes: int | None = None,
     stall_seconds: int = 0,
+    alive: Callable[[], object] | None = None,
 ) -> Result:
     """A long-running stock tool (qvm-backup, qvm-backup-restore): stdout and the end of stderr kept,
     each stderr chunk handed to `on_stderr` as it comes (progress). `file_bytes` caps every file the
     tool and its children write (RLIMIT_FSIZE): restore's temporary files stay within the manifest.
-    `stall_seconds`: a tool silent on stderr that long is stopped (SIGINT, as Ctrl-C: qvm-backup then
-    cancels the backup in qubesd; SIGKILL a minute later), e.g. qubesd waiting forever on a qube."""
+    `stall_seconds`: a tool that long silent on stderr, with `alive()` (a progress marker) unchanged,
+    is stopped (SIGINT, as Ctrl-C: qvm-backup then cancels the backup in qubesd, qvm-backup-restore
+    terminates its retrieval; SIGKILL a minute later), e.g. qubesd waiting forever on a qube."""
     proc = _spawn(argv, subprocess.DEVNULL, _limits(file_bytes) if file_bytes else None)
     out, err = bytearray(), bytearray()
     reader = threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True)
     reader.start()
-    heard, stalled = [time.monotonic()], threading.Event()
+    heard, stalled = [time.monotonic(), alive and alive()], threading.Event()
 
     def on_chunk(chunk: bytes) -> None:
         heard[0] = time.monotonic()
@@ -123,7 +124,9 @@ def stream(
     def watch() -> None:
         while proc.poll() is None:
             time.sleep(min(5, stall_seconds))
-            if time.monotonic() - heard[0] > stall_seconds and not stalled.is_set():
+            if alive and (mark := alive()) != heard[1]:
+                heard[:] = [time.monotonic(), mark]
+            if time.monotonic() - heard[0] > stall_seconds:
                 stalled.set()
                 proc.send_signal(signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -135,4 +138,6 @@ def stream(
     _drain(proc.stderr, err, on_chunk)
     code = proc.wait()
     reader.join()
-    return Result(code, bytes(out), bytes(err), stalled.is_set())
+    if stalled.is_set():
+        raise QtbError(f"{argv[0]} made no progress for {stall_seconds} s (stall_timeout) and was stopped")
+    return Result(code, bytes(out), bytes(err))

@@ -31,11 +31,6 @@ class QubeInfo:
 QUBES_XML_RETRIEVAL_CAP = 1024 * 1024
 
 
-def qubes_xml_retrievable(enc_bytes: int) -> bool:
-    """Whether a qubes.xml.000.enc of this size can be restored from a qube (the unpacker's cap)."""
-    return enc_bytes <= QUBES_XML_RETRIEVAL_CAP
-
-
 def list_qubes() -> dict[str, QubeInfo]:
     fields_ = "name,class,qid,state,include_in_backups,template,netvm"
     res = proc.run(["qvm-ls", "--raw-data", "--fields", fields_])
@@ -125,9 +120,11 @@ def qvm_backup_restore(
     flags: RestoreFlags,
     qubes: list[str],
     file_bytes: int,
+    stall_seconds: int,
+    alive: Callable[[], object],
 ) -> proc.Result:
     """Stock qvm-backup-restore from the backup qube. --ignore-size-limit: its byte limit comes from
     qubes.xml's backup-size, which an uncompressed stream exceeds (facts §3); `file_bytes` bounds
-    every file dom0 writes instead (see proc.stream)."""
+    every file dom0 writes instead; `alive`: the shim's accepted count (see proc.stream)."""
     argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
-    return proc.stream([*argv, *flags.argv(), location, *qubes], file_bytes=file_bytes)
+    return proc.stream([*argv, *flags.argv(), location, *qubes], None, file_bytes, stall_seconds, alive)

@@ -14,6 +14,7 @@ on the qube's PATH). ~/attack.json says what to do:
   {"answer": {"COMMAND": JSON}}          answer COMMAND (commit, check, prune…) with JSON, exit 0,
                                          doing nothing (stdin is read and dropped)
   {"stall": "COMMAND", "seconds": N}     COMMAND hangs N seconds without reading stdin, then exits 1
+  {"slow": SECONDS}                      serve the stream genuinely, pausing SECONDS after each chunk
   {"lose_answer": "COMMAND"}             COMMAND runs for real, then its answer is lost (exit 1, no
                                          output): a backup qube that dies once the work is done
 Everything else is passed to the real adapter unchanged.
@@ -101,8 +102,11 @@ def main(argv: list[str]) -> int:
         older = dict((i.name, (i, d)) for i, d in members(real("dump", attack["from"], *rest[1:])))
         items = [older[i.name] if i.name == attack["swap"] else (i, d) for i, d in items]
     try:
-        sys.stdout.buffer.write(serialise(items))
-        sys.stdout.flush()
+        for item in items:  # one member at a time: the same bytes as serialise(items)
+            sys.stdout.buffer.write(serialise([item]))
+            sys.stdout.flush()
+            if item[0].name.endswith(".enc"):
+                time.sleep(attack.get("slow", 0))
     except BrokenPipeError:
         pass
     return 0

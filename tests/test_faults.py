@@ -327,6 +327,29 @@ def test_a_backup_that_stalls_is_stopped_and_commits_nothing(backed_up, engine):
 
 
 @pytest.mark.parametrize("engine", ["restic"])
+def test_a_restore_that_stalls_is_stopped(backed_up, engine):
+    """A backup qube that stops serving hangs stock qvm-backup-restore for ever (a weekly verify would
+    then hold the jobs lock against every night's backup); stall_timeout stops it too. The marker is
+    the shim's accepted count, as restore says little on stderr while data flows."""
+    world = backed_up.world
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    config.write_text(config.read_text().replace("stall_timeout = 1800", "stall_timeout = 3"))
+    install_attacker(world, {"stall": "dump", "seconds": 40})
+    restore = ("restore", "--qube", "work", "--rename-conflicting")
+    for args in (("verify", backed_up.snapshots["work"]), restore):
+        started = time.monotonic()
+        proc = qtb(world, *args, check=False)
+        assert time.monotonic() - started < 35, args  # not the 40 s the backup qube would have hung
+        assert "made no progress for 3 s (stall_timeout)" in one_line_error(proc, 1)
+    assert not (world.dom0 / "var/lib/qubes/appvms/work-1").exists()
+    # a slow backup qube that keeps serving is not stalled, though restore is silent longer than that
+    install_attacker(world, {"slow": 1.0})
+    started = time.monotonic()
+    work = qtb_json(world, "verify", backed_up.snapshots["work"])["qubes"]["work"]
+    assert work["verified"] == work["chunks"] and time.monotonic() - started > 3 + 3  # two windows
+
+
+@pytest.mark.parametrize("engine", ["restic"])
 def test_a_qubes_xml_over_the_retrieval_cap_is_said_at_backup_and_before_restore(backed_up, engine):
     """13.6: qvm-backup-restore fetches qubes.xml from a qube under a fixed 1 MiB cap and then says
     only "unexpected files in archive: got []" (docs/qubes-facts.md R8)."""

@@ -125,13 +125,14 @@ def restore_pass(
     """One stock qvm-backup-restore run with its own run directory and plan: every chunk under
     `prefixes` must be accepted, in stream order, and nothing else."""
     run = Run()
-    passphrase_file = run.create(secret)
+    passphrase_file = str(run.create(secret))
     try:
         plan = run.write_plan(found, prefixes)
         names = [name for name, q in found.qubes.items() if q.path in prefixes]
         host = {} if flags.verify_only else qubes.list_qubes()
+        bound = file_bound(plan, prefixes)
         res = qubes.qvm_backup_restore(
-            cfg.backup_qube, location, str(passphrase_file), flags, names, file_bound(plan, prefixes)
+            cfg.backup_qube, location, passphrase_file, flags, names, bound, cfg.stall_timeout, run.accepted
         )
         if not quiet and res.stdout:
             sys.stdout.write(proc.printable(res.stdout.decode(errors="replace"), 100_000))
@@ -139,8 +140,8 @@ def restore_pass(
         if failure:
             raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
         if cut := unpacker_refusal(res.stderr, location):
-            bound = f"larger than the manifest allows (dom0 cut it at {file_bound(plan, prefixes)} bytes)"
-            what = "twice (dom0's unpacker never overwrites one)" if cut == b"17" else bound
+            too_big = f"larger than the manifest allows (dom0 cut it at {bound} bytes)"
+            what = "twice (dom0's unpacker never overwrites one)" if cut == b"17" else too_big
             refusal = f"refused: the backup qube served a file {what}; nothing unverified was restored"
             raise QtbError(refusal, EXIT_VERIFY)
         if res.code != 0:
@@ -225,7 +226,7 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
         )
     chosen = opts.qubes or list(found.qubes)
     xml = next(c for c in found.chunks if c["path"] == shim.QUBES_XML_PATH)
-    if not qubes.qubes_xml_retrievable(xml["size"] + shim.TRAILER_SIZE):  # it would fail, saying only
+    if xml["size"] + shim.TRAILER_SIZE > qubes.QUBES_XML_RETRIEVAL_CAP:  # it would fail, saying only
         raise QtbError(  # "unexpected files in archive: got []" (docs/qubes-facts.md R8)
             f"snapshot {snapshot_id}: its qubes.xml ({xml['size']} bytes) is over the 1 MiB that "
             "qvm-backup-restore accepts from a qube: restore from a local copy of the stream "
