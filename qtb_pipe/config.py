@@ -6,6 +6,7 @@ Everything lives under a root: `/` on a real dom0, the emulated dom0's root in a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EXIT_CONFIG, EXIT_USAGE, QtbError
+from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE, QtbError
 
 SECRET_RE = re.compile(r"[0-9a-f]{64}")
 QUBE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
@@ -137,10 +138,10 @@ def check_setting_type(path: Path, key: str, value: object) -> None:
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write a file atomically, created with `mode` from the start (no window with wider access,
-    whatever the umask); a failed write leaves no temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    whatever the umask); a failed one leaves no temporary file and names the file (ENOSPC does not)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -148,8 +149,11 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:
+        raise QtbError(f"cannot write {path}: {e.strerror or e}", EXIT_FAILED) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses even this unlink
+            tmp.unlink(missing_ok=True)
 
 
 def generate_secret() -> str:

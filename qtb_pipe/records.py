@@ -57,8 +57,7 @@ def load_records() -> dict[tuple[str, str], SnapshotRecord]:
 def save_record(rec: SnapshotRecord) -> None:
     """A record of the same id with another manifest is never replaced (a backup qube answering a
     commit with an older snapshot's id must not erase that snapshot's record)."""
-    existing = load_records().get((rec.engine, rec.id))
-    if existing is not None and existing.manifest_sha256 != rec.manifest_sha256:
+    if (known := load_records().get((rec.engine, rec.id))) and known.manifest_sha256 != rec.manifest_sha256:
         raise QtbError(
             f"dom0 already has a record of snapshot {rec.id} with another manifest: nothing was recorded",
             EXIT_VERIFY,
@@ -96,10 +95,9 @@ def check_records_writable() -> None:
     try:
         write_private(probe, bytes(64 * 1024))
         probe.unlink()
-    except OSError as e:
+    except QtbError as e:  # write_private names the file and why
         raise QtbError(
-            f"cannot write dom0's snapshot records in {records_dir()}: {e.strerror}; nothing was backed up",
-            EXIT_CONFIG,
+            f"{e}: dom0's snapshot records cannot be written; nothing was backed up", EXIT_CONFIG
         ) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -12,10 +13,10 @@ from qtb_pipe.actions.backup import check_run, qubes_xml_warning
 from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order, unpacker_refusal
 from qtb_pipe.adapter import Adapter, Member
 from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery_key
-from qtb_pipe.errors import QtbError
+from qtb_pipe.errors import EXIT_FAILED, QtbError
 from qtb_pipe.manifest import Manifest, QubeEntry
 from qtb_pipe.proc import Result
-from qtb_pipe.records import SnapshotRecord, save_record
+from qtb_pipe.records import SnapshotRecord, records_dir, save_record
 from qtb_pipe.runs import ShimRecord
 
 BID = "20261124T010203-42"
@@ -64,6 +65,23 @@ def test_unique_prefix_of_a_recorded_snapshot_stands_for_its_id(tmp_path, monkey
     assert resolve_snapshot_id("restic", "abcdef77") == "abcdef77"  # another engine's snapshot
     assert resolve_snapshot_id("borg", "abcdef77") == "abcdef7777"
     assert resolve_snapshot_id("borg", "abcdef7") == "abcdef7"  # under 8 characters: never expanded
+
+
+def test_a_record_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
+    """A full disk's write error has no file name: write_private says which file, and leaves none."""
+    monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
+    folder = records_dir()
+    folder.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)], check=True)
+    try:
+        (folder / ".filler").write_bytes(bytes(16 * 1024))
+        with pytest.raises(QtbError, match=r"cannot write .*/restic-abcdef0123\.json: No space left") as e:
+            save_record(
+                SnapshotRecord("abcdef0123", "restic", BID, "2026-11-24T00:00:00Z", ["work"], 1, "00" * 32)
+            )
+        assert e.value.code == EXIT_FAILED and [p.name for p in folder.iterdir()] == [".filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_a_recovery_key_carries_a_check_group_that_catches_a_mistyped_digit():
