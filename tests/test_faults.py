@@ -310,6 +310,27 @@ def test_a_volume_import_that_fails_is_a_failed_restore(backed_up, engine):
 
 
 @pytest.mark.parametrize("engine", ["restic"])
+def test_a_restore_that_exits_0_without_creating_the_qube_is_a_failure(backed_up, engine):
+    """13.2: dom0 checks from its own side that every qube a pass was to create exists, renamed
+    copies included. The fault: a qvm-backup-restore whose qubes vanish (qubesd dropped them)."""
+    world = backed_up.world
+    tool = world.root / ".sim/dom0-bin/qvm-backup-restore"
+    qubes_xml = world.dom0 / "var/lib/qubes/qubes.xml"
+    real = tool.read_text().replace("exec ", "")
+    tool.write_text(f'#!/bin/sh\ncp {qubes_xml} {qubes_xml}.before\n{real}code=$?\n'
+                    f'mv {qubes_xml}.before {qubes_xml}\nexit $code\n')  # fmt: skip
+    proc = qtb(world, "restore", "--qube", "work", "--rename-conflicting", "--single-pass", check=False)
+    assert "did not create a renamed copy of work" in one_line_error(proc, 1)
+    from qubes_sim.world import parse_qubes_xml, render_qubes_xml
+
+    qubes_xml.write_bytes(
+        render_qubes_xml({n: q for n, q in parse_qubes_xml(qubes_xml.read_bytes()).items() if n != "vault"})
+    )
+    proc = qtb(world, "restore", "--qube", "vault", "--single-pass", check=False)
+    assert "did not create vault" in one_line_error(proc, 1)
+
+
+@pytest.mark.parametrize("engine", ["restic"])
 def test_a_backup_that_stalls_is_stopped_and_commits_nothing(backed_up, engine):
     """13.6: real backup_do can wait on the backup qube forever; stall_timeout stops it."""
     world = backed_up.world

@@ -423,7 +423,14 @@ def test_records_file_belongs_to_the_run_directory_owner(world: ShimWorld) -> No
         lambda run: (run / "records.jsonl").symlink_to(run.parent / "target"),
         lambda run: (run.parent.rename(run.parent.with_name("moved")), run.parent.symlink_to("moved")),
     ],
-    ids=["run-writable", "runs-writable", "run-symlink", "run-other-owner", "records-symlink", "runs-symlink"],
+    ids=[
+        "run-writable",
+        "runs-writable",
+        "run-symlink",
+        "run-other-owner",
+        "records-symlink",
+        "runs-symlink",
+    ],
 )
 def test_unsafe_run_directory_is_refused(world: ShimWorld, spoil) -> None:
     spoil(world.run_dir)

@@ -185,15 +185,15 @@ RESTORE_FAILURES = re.compile(
 
 def confirm_restored(stderr: bytes, names: list[str], host_before: dict, renamed: bool) -> None:
     """After a restore pass, from dom0's side: the tool logged no lost data, and every qube it was to
-    create exists (a renamed one has a name only the tool knows)."""
+    create exists (a renamed copy has a name only the tool knows: those are counted)."""
     lines = [proc.printable(ln, 300) for ln in stderr.decode("ascii", "replace").splitlines()]
     failures = [ln for ln in lines if RESTORE_FAILURES.fullmatch(ln)]
     if failures:
         raise QtbError(f"qvm-backup-restore exited 0 but reported: {failures[0]}", EXIT_FAILED)
-    if renamed:
-        return
     now = qubes.list_qubes()
     absent = [n for n in names if n not in host_before and n not in now]
+    copies = [f"a renamed copy of {n}" for n in names if n in host_before] if renamed else []
+    absent += copies[len(set(now) - set(host_before) - set(names)) :]
     if absent:
         raise QtbError(f"qvm-backup-restore exited 0 but did not create {', '.join(absent)}", EXIT_FAILED)
 
