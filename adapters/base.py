@@ -177,7 +177,9 @@ def _read_filter_report(path: Path) -> dict[str, Any] | None:
 
 
 def version_tuple(text: str) -> tuple[int, int, int] | None:
-    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    """The first word that is a version: borg prints its own name first, which may hold digits
+    (`borg-1.2 1.4.5` for a borg installed as borg-1.2)."""
+    match = re.search(r"(?:^|\s)v?(\d+)\.(\d+)(?:\.(\d+))?", text)
     if not match:
         return None
     major, minor, patch = match.groups()

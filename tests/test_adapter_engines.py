@@ -1,8 +1,10 @@
 """qtb-adapter against real restic and real borg, local and over the network (loopback).
 
 Targets: restic (>= 0.17 path: restic runs our filter), restic-stdin (the path older restic uses:
-our filter feeds `restic backup --stdin`), restic-rest (rclone serve restic), borg (import-tar,
-the default), borg-create (`create --content-from-command`), borg-ssh (import-tar to our own sshd).
+our filter feeds `restic backup --stdin`), restic-old (the oldest supported restic, 0.14), restic-rest
+(rclone serve restic), borg (import-tar, the default; the system's borg, 1.2.4 on Debian 12, the
+oldest supported), borg-new (the newest supported borg, 1.4), borg-create (`create
+--content-from-command`), borg-ssh (import-tar to our own sshd).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -39,15 +42,33 @@ from streamtools import (
 
 __all__ = ["rclone_rest_server", "spawned", "sshd_server"]  # fixtures, found by pytest here
 
-# The default store methods in the fast tier; the other methods and the remote repositories in the slow one.
+# The default store methods and the oldest and newest supported engines in the fast tier; the other
+# methods and the remote repositories in the slow one.
 TARGETS = [
     "restic",
     "borg",
-    *(pytest.param(t, marks=pytest.mark.slow) for t in ("restic-stdin", "restic-old", "restic-rest")),
+    "restic-old",
+    "borg-new",
+    *(pytest.param(t, marks=pytest.mark.slow) for t in ("restic-stdin", "restic-rest")),
     *(pytest.param(t, marks=pytest.mark.slow) for t in ("borg-create", "borg-ssh")),
 ]
-# restic-old: an older restic binary (e.g. Debian 12's 0.14) named by this variable; skipped without.
-OLD_RESTIC_VARIABLE = "QTB_TEST_OLD_RESTIC"
+# The binaries `make setup` installs next to the project's tools (scripts/setup.sh); a variable names
+# another one. A missing one fails the test: a skip would let the oldest engine go untested.
+VERSIONED_BINARIES = {
+    "restic-old": ("QTB_TEST_OLD_RESTIC", "restic-0.14", "0.14."),
+    "borg-new": ("QTB_TEST_NEW_BORG", "borg-1.4", "1.4."),
+}
+
+
+def versioned_binary(target: str) -> str:
+    """The engine binary a versioned target runs, checked to be the version it stands for."""
+    variable, default, version = VERSIONED_BINARIES[target]
+    binary = os.environ.get(variable) or shutil.which(default)
+    assert binary, f"{default} not found on PATH: run `make setup` (or set {variable})"
+    shown = subprocess.run([binary, "version" if "restic" in target else "--version"], capture_output=True)
+    words = shown.stdout.decode().split()  # "restic 0.14.0 compiled…", "borg-1.4 1.4.5" (its argv[0])
+    assert len(words) > 1 and words[1].startswith(version), f"{binary} is not {version}x: {shown.stdout!r}"
+    return binary
 
 
 @dataclass
@@ -62,14 +83,15 @@ class Target:
         """Every snapshot/archive in the repository, asked from the engine itself, not from us."""
         env = dict(self.home.env)
         if self.engine == "restic":
-            binary = os.environ.get(OLD_RESTIC_VARIABLE, "restic") if self.name == "restic-old" else "restic"
+            binary = versioned_binary(self.name) if self.name == "restic-old" else "restic"
             argv = [binary, "--repo", self.repo, "--password-file", str(self.home.password_file), "--json"]
             done = subprocess.run([*argv, "snapshots"], env=env, capture_output=True, text=True, check=True)
             return [s["id"] for s in json.loads(done.stdout or "[]") or []]
         env["BORG_PASSPHRASE"] = ENGINE_PASSWORD
         if self.rsh:
             env["BORG_RSH"] = self.rsh
-        argv = ["borg", "list", "--json", self.repo]
+        borg = versioned_binary(self.name) if self.name == "borg-new" else "borg"
+        argv = [borg, "list", "--json", self.repo]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
         return [a["name"] for a in json.loads(done.stdout)["archives"]]
 
@@ -86,12 +108,12 @@ def target(request, tmp_path: Path) -> Target:
         else:
             repo = str(tmp_path / "repo")
         if name == "restic-old":
-            if not os.environ.get(OLD_RESTIC_VARIABLE):
-                pytest.skip(f"set {OLD_RESTIC_VARIABLE}=/path/to/restic-0.14 to test an older restic")
-            settings = [f"binary={os.environ[OLD_RESTIC_VARIABLE]}"]
+            settings = [f"binary={versioned_binary(name)}"]
         home.init("restic", repo, *settings)
         return Target(name, "restic", home, repo)
     settings = ["store_method=create"] if name == "borg-create" else []
+    if name == "borg-new":
+        settings.append(f"binary={versioned_binary(name)}")
     rsh = None
     if name == "borg-ssh":
         server = request.getfixturevalue("sshd_server")

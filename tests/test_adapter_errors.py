@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest_remote import VENV_BIN, AdapterHome, engine_taking_stream, producer_process, spawned
+from qtb_adapters.base import version_tuple
 from streamtools import Stream, V4Backup, make_backup, write_stream
 
 __all__ = ["spawned"]  # a fixture, found by pytest here
@@ -331,3 +332,19 @@ def test_first_init_as_the_readme_says_and_a_failed_init_leaves_nothing(engine: 
         and (home.config_path.parent / f"{engine}.password").stat().st_mode & 0o077 == 0
     )
     assert home.snapshots() == []
+
+
+@pytest.mark.parametrize(
+    ("shown", "version"),
+    [
+        ("restic 0.14.0 compiled with go1.19.8 on linux/amd64", (0, 14, 0)),
+        ("restic 0.18.0 compiled with go1.24.4 on linux/amd64", (0, 18, 0)),
+        ("borg 1.2.4", (1, 2, 4)),
+        ("borg-1.2 1.4.5", (1, 4, 5)),  # borg prints its argv[0]: a borg installed under another name
+        ("borg 1.4.0.dev12+g1234", (1, 4, 0)),
+        ("borg 2.0", (2, 0, 0)),
+        ("no version here 12", None),
+    ],
+)
+def test_the_engine_version_is_the_first_word_that_is_one(shown: str, version: tuple | None) -> None:
+    assert version_tuple(shown) == version
