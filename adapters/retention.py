@@ -5,12 +5,15 @@ commit objects. Semantics are restic's (and borg's): for each rule, walk snapsho
 keep the newest one of each period until the rule's count is used up; a snapshot is kept when any
 rule keeps it. Periods are in local time.
 
-Users think in qubes, and a snapshot holds the qubes of one run: the rules apply to each protected
+Users think in qubes, and each run commits one snapshot per qube: the rules apply to each protected
 qube's own copies (`per_qube`; dom0 passes the qubes that still exist), a snapshot goes only when no
 qube keeps it, and the newest copy of a protected qube stays whatever the rules say. A qube deleted
 from dom0 has no new copies to push its old ones out, so counting periods in its own history would
-keep its last copy forever: its copies are counted in the repository's timeline instead (kept where
-the rules keep the snapshot among all snapshots), so they age out as newer runs arrive.
+keep its last copy forever; counting it among all snapshots would drop it at once (other qubes'
+snapshots are newer in the same night). Its periods are the repository's instead: of the rule's N
+newest periods holding any snapshot, it keeps its newest copy in each, so its copies age out as
+newer nights arrive (keep-daily 7: seven more days with backups). This is also restic's rule for
+one history: `apply_policy` is the case where the copies are the whole timeline.
 """
 
 from __future__ import annotations
@@ -58,25 +61,43 @@ def _rules(policy: KeepPolicy) -> list[tuple[int, Callable[[datetime], object] |
     ]
 
 
+def _key(snap: Dated, period: Callable[[datetime], object] | None) -> object:
+    return snap.id if period is None else period(snap.time.astimezone())
+
+
+def recent_periods(
+    snapshots: Sequence[Dated], policy: KeepPolicy
+) -> list[tuple[Callable[[datetime], object] | None, set[object]]]:
+    """Per rule, the keys of its `count` newest periods that hold any of these snapshots."""
+    ordered = sorted(snapshots, key=lambda s: s.time, reverse=True)
+    recent = []
+    for count, period in _rules(policy):
+        keys = list(dict.fromkeys(_key(s, period) for s in ordered))
+        recent.append((period, set(keys[:count])))
+    return recent
+
+
+def newest_in_periods(
+    copies: Sequence[Dated], recent: list[tuple[Callable[[datetime], object] | None, set[object]]]
+) -> list[Dated]:
+    """The newest of these copies in each of the given periods, newest first."""
+    ordered = sorted(copies, key=lambda s: s.time, reverse=True)
+    kept: set[str] = set()
+    for period, keys in recent:
+        seen: set[object] = set()
+        for snap in ordered:
+            key = _key(snap, period)
+            if key in keys and key not in seen:
+                kept.add(snap.id)
+                seen.add(key)
+    return [s for s in ordered if s.id in kept]
+
+
 def apply_policy(snapshots: Sequence[Dated], policy: KeepPolicy) -> tuple[list[Dated], list[Dated]]:
     """(keep, remove), both newest first."""
+    keep = newest_in_periods(snapshots, recent_periods(snapshots, policy))
     ordered = sorted(snapshots, key=lambda s: s.time, reverse=True)
-    kept: set[str] = set()
-    for count, period in _rules(policy):
-        remaining = count
-        last_period: object = object()
-        for index, snap in enumerate(ordered):
-            if remaining <= 0:
-                break
-            local = snap.time.astimezone()
-            key = index if period is None else period(local)
-            if key != last_period:
-                kept.add(snap.id)
-                remaining -= 1
-                last_period = key
-    keep = [s for s in ordered if s.id in kept]
-    remove = [s for s in ordered if s.id not in kept]
-    return keep, remove
+    return keep, [s for s in ordered if s not in keep]
 
 
 @dataclass(frozen=True)
@@ -97,21 +118,22 @@ def per_qube(
     """(keep, remove, what each qube keeps newest first). `protected` None: every qube is.
     `recorded` (None: every snapshot) are the snapshots dom0 holds a record of: only those count as a
     protected qube's own copies, since dom0 restores only from what it recorded. A snapshot committed
-    without a record (the run died between the two) is kept where the timeline keeps it, and cannot
-    push a qube's recorded copy out. A qube with no recorded copy at all (a new dom0) counts all."""
-    timeline, _ = apply_policy([Dated(s.id, s.time) for s in snapshots], policy)
+    without a record (the run died between the two) cannot push a qube's recorded copy out. A qube
+    with no recorded copy at all (a new dom0) counts all. Unrecorded copies, and a deleted qube's,
+    are kept by the repository's recent periods (see the module's docstring)."""
+    recent = recent_periods([Dated(s.id, s.time) for s in snapshots], policy)  # the repository's
     kept: dict[str, list[str]] = {}
     for qube in sorted({q for s in snapshots for q in s.qubes}):
         copies = [Dated(s.id, s.time) for s in snapshots if qube in s.qubes]
         own = [d for d in copies if recorded is None or d.id in recorded] or copies
         if protected is not None and qube not in protected:
-            kept[qube] = [d.id for d in timeline if d in copies]
+            kept[qube] = [d.id for d in newest_in_periods(copies, recent)]  # ages out
             continue
         keep, _ = apply_policy(own, policy)
         newest = max(own, key=lambda d: d.time)
         if newest not in keep:
             keep.append(newest)  # a qube's newest copy is never lost to retention
-        keep += [d for d in timeline if d in copies and d not in own]
+        keep += newest_in_periods([d for d in copies if d not in own], recent)
         kept[qube] = [d.id for d in sorted(keep, key=lambda d: d.time, reverse=True)]
     keep_ids = {i for ids in kept.values() for i in ids} | {s.id for s in snapshots if not s.qubes}
     ordered = sorted(snapshots, key=lambda s: s.time, reverse=True)

@@ -89,6 +89,28 @@ def test_per_qube_ages_out_a_qube_deleted_from_dom0(utc_local_time) -> None:
     assert kept["debian-12"] == [] and _ids(remove) == ["s2", "s1", "s0"]
 
 
+def test_a_deleted_qubes_copies_age_out_by_the_nights_not_at_once(utc_local_time) -> None:
+    """One snapshot per qube a night: counted among all snapshots, the copy of a qube deleted
+    yesterday was never the newest of its day and went at the next prune. Its days are the
+    repository's days with backups: kept until that many newer days have backups."""
+    base = datetime(2026, 6, 17, 1, 0, tzinfo=UTC)
+    nights = [  # work and vault every night (vault last), personal until night 0 only
+        Copies(f"n{night}-{qube}", base + timedelta(days=night, minutes=minute), (qube,))
+        for night in range(9)
+        for minute, qube in enumerate(("personal", "work", "vault"))
+        if qube != "personal" or night == 0
+    ]
+    policy = KeepPolicy(daily=7)
+    _, _, kept = per_qube(nights[:6], policy, {"work", "vault"})  # nights 0 and 1
+    assert kept["personal"] == ["n0-personal"]
+    _, remove, kept = per_qube(nights[: 3 + 2 * 6], policy, {"work", "vault"})  # 7 nights
+    assert kept["personal"] == ["n0-personal"] and "n0-personal" not in _ids(remove)
+    _, remove, kept = per_qube(nights, policy, {"work", "vault"})  # 9 nights: night 0 is out of 7 days
+    assert kept["personal"] == [] and "n0-personal" in _ids(remove)
+    # the copies of qubes still there are their own: each keeps its 7 newest nights
+    assert kept["work"] == [f"n{n}-work" for n in range(8, 1, -1)]
+
+
 def test_per_qube_counts_only_copies_dom0_recorded(utc_local_time) -> None:
     """A run that died between the commit and dom0's record leaves a snapshot dom0 cannot restore
     from (its manifest hash is not recorded): it must not push out the qube's recorded copy."""
