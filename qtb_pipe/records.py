@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def record_path(engine: str, snapshot_id: str) -> Path:
     return records_dir() / f"{engine}-{snapshot_id}.json"
 
 
+UTC_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\+00:00")  # as backup writes it
+
+
+def well_typed(rec: SnapshotRecord) -> bool:
+    """Every field of the type it is written with (times compare as text: one format only)."""
+    texts = (rec.id, rec.engine, rec.backup_id, rec.time, rec.manifest_sha256)
+    return (
+        all(type(t) is str for t in texts)
+        and type(rec.stream_bytes) is int
+        and bool(UTC_TIME.fullmatch(rec.time))
+        and type(rec.qubes) is dict
+        and all(type(q) is str and (f is None or type(f) is str) for q, f in rec.qubes.items())
+    )
+
+
 def load_records() -> dict[tuple[str, str], SnapshotRecord]:
     """Every record, keyed (engine, id). A damaged one stops the command (exit 3, named): silently
     skipping it would make its snapshot look unrecorded and its qubes' older copies the newest."""
@@ -44,7 +60,7 @@ def load_records() -> dict[tuple[str, str], SnapshotRecord]:
             rec = SnapshotRecord(**json.loads(path.read_text()))
             if isinstance(rec.qubes, list):  # records of qtb-pipe 0.1 had no fingerprints
                 rec.qubes = dict.fromkeys(rec.qubes)
-            if path.name != record_path(rec.engine, rec.id).name or not isinstance(rec.qubes, dict):
+            if not well_typed(rec) or path.name != record_path(rec.engine, rec.id).name:
                 raise ValueError
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             raise QtbError(

@@ -16,7 +16,7 @@ from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery
 from qtb_pipe.errors import EXIT_FAILED, QtbError
 from qtb_pipe.manifest import Manifest, QubeEntry
 from qtb_pipe.proc import Result
-from qtb_pipe.records import SnapshotRecord, records_dir, save_record
+from qtb_pipe.records import SnapshotRecord, catalog, record_path, records_dir, save_record
 from qtb_pipe.runs import ShimRecord
 
 BID = "20261124T010203-42"
@@ -59,12 +59,39 @@ def test_check_run_accepts_exact_match_and_refuses_any_difference():
 def test_unique_prefix_of_a_recorded_snapshot_stands_for_its_id(tmp_path, monkeypatch):
     monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
     for sid, engine in (("abcdef0123", "restic"), ("abcdef0199", "restic"), ("abcdef7777", "borg")):
-        save_record(SnapshotRecord(sid, engine, BID, "2026-11-24T00:00:00Z", ["work"], 1, "00" * 32))
+        save_record(SnapshotRecord(sid, engine, BID, "2026-11-24T00:00:00+00:00", ["work"], 1, "00" * 32))
     assert resolve_snapshot_id("restic", "abcdef01") == "abcdef01"  # ambiguous: left to the adapter
     assert resolve_snapshot_id("restic", "abcdef012") == "abcdef0123"
     assert resolve_snapshot_id("restic", "abcdef77") == "abcdef77"  # another engine's snapshot
     assert resolve_snapshot_id("borg", "abcdef77") == "abcdef7777"
     assert resolve_snapshot_id("borg", "abcdef7") == "abcdef7"  # under 8 characters: never expanded
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"time": 5},
+        {"time": "yesterday"},
+        {"time": "2026-11-24"},
+        {"stream_bytes": "1"},
+        {"qubes": "work"},
+        {"qubes": {"work": 5}},
+        {"backup_id": None},
+        {"manifest_sha256": []},
+    ],
+)
+def test_a_record_of_the_wrong_shape_is_damaged_not_an_internal_error(tmp_path, monkeypatch, change):
+    """Valid JSON with a field of another type crashed the catalog (TypeError: internal error, exit
+    1) or, a time in another format, sorted as any qube's newest copy."""
+    monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
+    good = SnapshotRecord("a" * 64, "restic", BID, "2026-11-24T00:00:00+00:00", {"work": None}, 1, "00" * 32)
+    save_record(good)
+    assert catalog("restic")["work"] == [good]
+    path = record_path("restic", good.id)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(QtbError) as refused:
+        catalog("restic")
+    assert refused.value.code == 3 and path.name in str(refused.value)
 
 
 def test_a_record_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
@@ -77,7 +104,7 @@ def test_a_record_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
         (folder / ".filler").write_bytes(bytes(16 * 1024))
         with pytest.raises(QtbError, match=r"cannot write .*/restic-abcdef0123\.json: No space left") as e:
             save_record(
-                SnapshotRecord("abcdef0123", "restic", BID, "2026-11-24T00:00:00Z", ["work"], 1, "00" * 32)
+                SnapshotRecord("abcdef0123", "restic", BID, "2026-11-24T00:00:00+00:00", ["work"], 1, "00" * 32)
             )
         assert e.value.code == EXIT_FAILED and [p.name for p in folder.iterdir()] == [".filler"]
     finally:
