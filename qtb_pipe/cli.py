@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from . import __version__, proc
+from . import __version__, proc, ui
 from .actions import manage, setup
 from .actions.backup import run_backup
 from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         s.add_argument("-v", "--verbose", action="store_true", help="show every command line qtb-pipe runs")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress, no notes (warnings stay)")
         if engine:
             s.add_argument("--engine", choices=ENGINES, help="instead of the config's engine")
         s.set_defaults(func=func, show=show)
@@ -326,7 +327,7 @@ def fail(message: str, code: int, as_json: bool, result: dict | None = None, pre
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    proc.VERBOSE = args.verbose
+    proc.VERBOSE, ui.QUIET = args.verbose, args.quiet
     try:
         cleanup_stale_runs()  # a killed run's directory holds the secret in its passphrase file
         result = args.func(args)

@@ -121,19 +121,19 @@ def stream(
         if on_stderr:
             on_stderr(chunk)
 
-    def watch() -> None:
+    def watch() -> None:  # alive() once a second: it may draw progress too
         while proc.poll() is None:
-            time.sleep(min(5, stall_seconds))
+            time.sleep(1)
             if alive and (mark := alive()) != heard[1]:
                 heard[:] = [time.monotonic(), mark]
-            if time.monotonic() - heard[0] > stall_seconds:
+            if stall_seconds and time.monotonic() - heard[0] > stall_seconds:
                 stalled.set()
                 proc.send_signal(signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(60)
                 proc.kill()
 
-    if stall_seconds:
+    if stall_seconds or alive:
         threading.Thread(target=watch, daemon=True).start()
     _drain(proc.stderr, err, on_chunk)
     code = proc.wait()

@@ -42,10 +42,10 @@ class Progress:
     """A one-line progress display on a terminal; silent when stderr is not a terminal or --json."""
 
     def __init__(self, label: str, enabled: bool) -> None:
-        self.label, self.enabled = label, enabled and sys.stderr.isatty()
+        self.label, self.enabled = label, enabled and not QUIET and sys.stderr.isatty()
         self.start, self.last_draw = time.monotonic(), 0.0
 
-    def update(self, percent: float) -> None:
+    def update(self, percent: float, done_bytes: int | None = None) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
@@ -54,6 +54,8 @@ class Progress:
         self.last_draw = now
         elapsed = now - self.start
         parts = [f"{self.label}: {percent:5.1f}%"]
+        if done_bytes is not None:
+            parts.append(f"{human_bytes(done_bytes)} ({human_bytes(done_bytes / max(elapsed, 0.1))}/s)")
         if 0 < percent < 100:
             parts.append(f"ETA {human_duration(elapsed * (100 - percent) / percent)}")
         sys.stderr.write("\r" + "  ".join(parts) + "\x1b[K")
@@ -65,6 +67,9 @@ class Progress:
             sys.stderr.flush()
 
 
+QUIET = False  # set by the command line (-q): errors and warnings only
+
+
 def info(message: str, quiet: bool = False) -> None:
-    if not quiet:
+    if not (quiet or QUIET):
         print(message, file=sys.stderr)

@@ -115,9 +115,10 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
 
 
 @pytest.mark.parametrize("engine", ["restic"])
-def test_backup_progress_is_drawn_on_a_terminal(backed_up, engine):
+def test_progress_is_drawn_on_a_terminal(backed_up, engine):
     """Real qvm-backup's `Making a backup... NN.NN%` (qubes-sim prints it too), drawn by qtb-pipe
-    as one line per qube on a terminal, and cleared before the summary."""
+    as one line per qube on a terminal, and cleared before the summary; restore and verify draw the
+    bytes the shim accepted."""
     # qubesd sends at most one progress event a second: 64 KiB chunks make the run last a few
     small_chunks = {"QUBES_SIM_TEST_CHUNK_SIZE": str(64 * 1024)}
     env = {k: v for k, v in {**os.environ, **FAST_ENV, **QTB_ENV, **small_chunks}.items() if v is not None}
@@ -132,6 +133,34 @@ def test_backup_progress_is_drawn_on_a_terminal(backed_up, engine):
     # not on a terminal (a timer's run, a pipe): no progress line at all
     piped = qtb(backed_up.world, "backup", "--full", "debian-12", env=small_chunks).stderr
     assert b"qtb-pipe: backing up debian-12" in piped and b"backup debian-12:" not in piped
+    snapshot = qtb_json(backed_up.world, "list")["qubes"]["debian-12"]["latest"]
+    # restore and verify: the bytes of the chunks the shim accepted, once a second, for each pass
+    # (they said nothing between "pass 1/2" and the end); a value above 0 shows it moves
+    moving = r" +(?!0\.0%)[0-9]{1,3}\.[0-9]%  [0-9.]+ (B|KiB|MiB) \([0-9.]+ (B|KiB|MiB)/s\)"
+    restore = ["--", "qtb-pipe", "restore", snapshot, "debian-12", "--rename-conflicting"]
+    for command, lines in (
+        (["--", "qtb-pipe", "verify", snapshot], ["verify debian-12"]),
+        (restore, ["verify debian-12", "restore debian-12"]),  # both passes
+    ):
+        child = pexpect.spawn("qubes-sim", ["run", str(backed_up.world.root), *command], env=env, timeout=120)
+        for line in lines:
+            child.expect(r"\r" + line + ":" + moving)
+            child.expect(r"\r\x1b\[K")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, child.before
+    piped = qtb(backed_up.world, "verify", snapshot).stderr
+    assert b"verify debian-12:" not in piped
+    # -q on a terminal: no progress and no notes; the result (stdout) stays
+    for command, result in ((["backup", "-q", "--full", "vault"], "1 qube(s) backed up: "),
+                            (["verify", "-q", snapshot], "every chunk authenticated")):  # fmt: skip
+        argv = ["run", str(backed_up.world.root), "--", "qtb-pipe", *command]
+        child = pexpect.spawn("qubes-sim", argv, env=env, timeout=120)
+        child.expect(pexpect.EOF)
+        child.close()
+        shown = child.before.decode()
+        assert child.exitstatus == 0 and result in shown, shown
+        assert "\r" not in shown.replace("\r\n", "") and "qtb-pipe:" not in shown, shown
 
 
 def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up, engine):

@@ -104,7 +104,9 @@ def test_a_record_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
         (folder / ".filler").write_bytes(bytes(16 * 1024))
         with pytest.raises(QtbError, match=r"cannot write .*/restic-abcdef0123\.json: No space left") as e:
             save_record(
-                SnapshotRecord("abcdef0123", "restic", BID, "2026-11-24T00:00:00+00:00", ["work"], 1, "00" * 32)
+                SnapshotRecord(
+                    "abcdef0123", "restic", BID, "2026-11-24T00:00:00+00:00", {"work": None}, 1, "0" * 64
+                )
             )
         assert e.value.code == EXIT_FAILED and [p.name for p in folder.iterdir()] == [".filler"]
     finally:

@@ -114,7 +114,7 @@ def test_what_counts_as_changed(backed_up, engine):
     world = backed_up.world
     assert all(why.startswith("unchanged") for q, why in dry_run(world).items() if q != "dom0")
     assert dry_run(world)["dom0"] == "always backed up: dom0's home has no volume revisions"
-    # each of these changes exactly one qube's fingerprint: a run, settings, firewall, notes, size
+    # each of these changes exactly one qube's fingerprint: a run, settings, firewall, size
     stop_after_running(world, "vault")
     world.run("qvm-prefs", "personal", "label", "green", check=True)
     firewall = world.root / "dom0/var/lib/qubes/appvms/work/firewall.xml"
@@ -122,6 +122,27 @@ def test_what_counts_as_changed(backed_up, engine):
     world.run("qvm-volume", "resize", "debian-12:private", str(64 * 1024 * 1024), check=True)
     changed = {q for q, why in dry_run(world).items() if why.startswith("changed since")}
     assert changed == {"vault", "personal", "work", "debian-12"}
+
+
+def failing_tool(world: Sim, tool: str, when: str) -> None:
+    """The world's dom0 `tool` fails (exit 1, no output) when its arguments are `when`."""
+    path = world.root / ".sim/dom0-bin" / tool
+    path.write_text(f'#!/bin/sh\n[ "$*" = "{when}" ] && exit 1\n' + path.read_text().split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_notes_and_what_the_metadata_cannot_tell(backed_up, engine):
+    """The qube's notes are part of it; a query that fails, for a volume or for its pool, means
+    "back it up", never "unchanged"."""
+    world = backed_up.world
+    (world.root / "dom0/var/lib/qubes/appvms/work/notes.txt").write_text("remember the milk\n")
+    failing_tool(world, "qvm-volume", "info vault:private")
+    plan = dry_run(world)
+    assert plan["work"].startswith("changed since") and plan["personal"].startswith("unchanged")
+    assert plan["vault"] == "always backed up: qvm-volume info vault:private failed"
+    failing_tool(world, "qvm-pool", "info vm-pool")  # the pool's driver cannot be told
+    plan = dry_run(world)
+    assert all(plan[q].startswith("always backed up: pool vm-pool (?)") for q in ("personal", "debian-12"))
 
 
 @pytest.mark.parametrize("engine", ["restic"])

@@ -5,6 +5,7 @@ snapshot pending (never listed as complete)."""
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from dataclasses import dataclass
 
@@ -279,8 +280,8 @@ def run_backup(
     summary.update(
         stream_bytes=streamed, added_bytes=sum(added) if added else None, seconds=round(elapsed, 2)
     )
-    for warning in summary["warnings"]:
-        info(f"warning: {warning}", as_json)
+    for warning in [] if as_json else summary["warnings"]:  # not notes: -q shows them too
+        print(f"warning: {warning}", file=sys.stderr)
     outcome = (f"{len(summary['snapshots'])} qube(s) backed up: {human_bytes(streamed)} streamed, "
                f"{human_bytes(summary['added_bytes'])} added, {human_duration(elapsed)}")  # fmt: skip
     if not as_json:

@@ -4,6 +4,7 @@ against the pass's plan before any plaintext reaches dom0's parsers."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import sys
@@ -20,7 +21,7 @@ from ..manifest import Manifest, QubeEntry
 from ..qubes import RestoreFlags
 from ..records import catalog, load_records
 from ..runs import Run
-from ..ui import human_bytes, info
+from ..ui import Progress, human_bytes, info
 
 
 @dataclass
@@ -120,21 +121,31 @@ def restore_pass(
     secret: str,
     prefixes: list[str],
     flags: RestoreFlags,
-    quiet: bool,
+    as_json: bool,
 ) -> None:
     """One stock qvm-backup-restore run with its own run directory and plan: every chunk under
-    `prefixes` must be accepted, in stream order, and nothing else."""
+    `prefixes` must be accepted, in stream order, and nothing else. Its progress is the bytes of
+    the chunks the shim accepted."""
+    names = [name for name, q in found.qubes.items() if q.path in prefixes]
+    action = "verify" if flags.verify_only else "restore"
+    progress = Progress(f"{action} {', '.join(names)[:60]}", not as_json)
     run = Run()
     passphrase_file = str(run.create(secret))
     try:
         plan = run.write_plan(found, prefixes)
-        names = [name for name, q in found.qubes.items() if q.path in prefixes]
         host = {} if flags.verify_only else qubes.list_qubes()
         bound = file_bound(plan, prefixes)
+        done = list(itertools.accumulate((c["size"] for c in plan), initial=0))  # bytes, by chunks accepted
+
+        def accepted() -> int:  # the stall marker, drawn as progress
+            count = min(run.accepted(), len(plan))
+            progress.update(100 * done[count] / max(done[-1], 1), done[count])
+            return count
+
         res = qubes.qvm_backup_restore(
-            cfg.backup_qube, location, passphrase_file, flags, names, bound, cfg.stall_timeout, run.accepted
+            cfg.backup_qube, location, passphrase_file, flags, names, bound, cfg.stall_timeout, accepted
         )
-        if not quiet and res.stdout:
+        if not (as_json or flags.verify_only) and res.stdout:  # what it restored, as it says
             sys.stdout.write(proc.printable(res.stdout.decode(errors="replace"), 100_000))
         failure = run.failure()
         if failure:
@@ -159,6 +170,7 @@ def restore_pass(
         if not flags.verify_only:
             confirm_restored(res.stderr, [n for n in names if n != "dom0"], host, flags.rename_conflicting)
     finally:
+        progress.done()
         run.remove()
 
 
@@ -247,14 +259,15 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
         # A verify-only pass first: a backup qube that serves bad data is refused before
         # qvm-backup-restore creates any qube (the real pass re-checks everything anyway).
         info("qtb-pipe: pass 1/2, verifying every chunk before anything is restored", opts.as_json)
-        restore_pass(cfg, found, location, secret, prefixes, replace(opts.flags, verify_only=True), True)
+        verify_first = replace(opts.flags, verify_only=True)
+        restore_pass(cfg, found, location, secret, prefixes, verify_first, opts.as_json)
         info("qtb-pipe: pass 2/2, restoring", opts.as_json)
     else:
         what = "verifying" if opts.flags.verify_only else "restoring"
         info(
             f"qtb-pipe: {what} snapshot {snapshot_id} ({cfg.engine}, backup {found.backup_id})", opts.as_json
         )
-    restore_pass(cfg, found, location, secret, prefixes, opts.flags, opts.as_json or opts.flags.verify_only)
+    restore_pass(cfg, found, location, secret, prefixes, opts.flags, opts.as_json)
     return {
         "snapshot": snapshot_id,
         "engine": cfg.engine,
