@@ -220,6 +220,34 @@ def test_a_qube_whose_manifest_fails_is_reported_and_the_others_still_restore(
     assert f"snapshot {backed_up.snapshots['work']} failed: " in text and "manifest rejected" in text
 
 
+@pytest.mark.parametrize("engine", ["restic"])
+def test_whole_system_as_of_a_time_and_a_qube_refused_in_its_pass(backed_up, fresh_world: Sim, engine):
+    """restore --all --as-of TIME takes each qube's newest copy made by then; a qube whose chunk the
+    shim refuses during its pass is reported (exit 5) and the other qubes still restore."""
+    world = backed_up.world
+    fixture_done = max(q["time"] for q in qtb_json(world, "list")["qubes"].values())
+    work_then = world.digest("work")["qubes"]["work"]["files"]
+    mutate(world, "work")
+    night = qtb_json(world, "backup", "-x", "dom0")
+    assert night["qubes"]["work"]["status"] == "backed up"
+    assert world.digest("work")["qubes"]["work"]["files"] != work_then
+    setup_qtb(fresh_world, engine, backed_up.repo, recovery_key=backed_up.recovery_key)
+    install_attacker(fresh_world, {"flip": "vm5/private.img.000.enc"})  # vault's volume (qid 5)
+    args = ("--all", "--as-of", fixture_done, "--new-system", "--skip-dom0-home", "--ignore-missing")
+    proc = qtb(fresh_world, "restore", *args, "--json", check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 5 == result["exit_code"], proc.stderr.decode()
+    assert {q: r["snapshot"] for q, r in result["qubes"].items()} == {
+        q: backed_up.snapshots[q] for q in ALL if q != "dom0"
+    }  # work's copy of the night is newer than TIME: not taken
+    assert result["qubes"]["vault"]["ok"] is False and "refused" in result["qubes"]["vault"]["error"]
+    assert all(r["ok"] for q, r in result["qubes"].items() if q != "vault")
+    restored = fresh_world.digest()["qubes"]
+    assert "vault" not in restored and restored["work"]["files"] == work_then
+    for name in ("debian-12", "personal"):
+        assert restored[name]["files"] == world.digest(name)["qubes"][name]["files"], name
+
+
 @pytest.mark.parametrize(
     "attack",
     [
@@ -476,7 +504,8 @@ def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
     assert set(latest) == set(ALL) and all(q["in_repository"] for q in latest.values())
     records = {p.stem.split("-", 1)[1] for p in (world.dom0 / "var/lib/qtb-pipe/snapshots").glob("*.json")}
     assert records == {q["latest"] for q in latest.values()}  # dom0 forgets what was pruned
-    # qubes deleted from dom0 are no longer protected: their copies age out (counted among all runs)
+    # qubes deleted from dom0 are no longer protected: their copies age out by the repository's
+    # periods. Today is among the config's keep_daily 7 days, so they stay for now...
     qubes_xml = world.dom0 / "var/lib/qubes/qubes.xml"
     from qubes_sim.world import parse_qubes_xml, render_qubes_xml
 
@@ -484,10 +513,15 @@ def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
     remaining = {n: q for n, q in parse_qubes_xml(qubes_xml.read_bytes()).items() if n not in gone}
     qubes_xml.write_bytes(render_qubes_xml(remaining))
     dry = qtb_json(world, "prune", "--keep-last", "1", "--dry-run")
+    assert dry["removed"] == [] and all(dry["qubes"][name]["remaining"] for name in gone)
+    # ...and with only keep-last 1 (flags of 0 switch the config's rules off), the newest snapshot
+    # is the one period: theirs are older, they go
+    off = ("--keep-daily", "0", "--keep-weekly", "0", "--keep-monthly", "0")
+    dry = qtb_json(world, "prune", "--keep-last", "1", *off, "--dry-run")
     assert sorted(dry["removed"]) == sorted(latest[name]["latest"] for name in gone)
     for name, q in dry["qubes"].items():
         assert q["exists_in_dom0"] is (name not in gone) and bool(q["remaining"]) is (name not in gone)
-    text = qtb(world, "prune", "--keep-last", "1", "--dry-run").stdout.decode()
+    text = qtb(world, "prune", "--keep-last", "1", *off, "--dry-run").stdout.decode()
     assert "personal" in text and "deleted from dom0: its copies age out by the rules" in text
     assert qtb_json(world, "check")["ok"]
 
