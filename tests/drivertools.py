@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jsoncontract import check_answer
 from simtools import Sim
 
 TESTS = Path(__file__).parent
@@ -18,61 +19,17 @@ ENGINE_PASSWORD = "engine password that never leaves the backup qube\n"
 
 
 def qtb(world: Sim, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run qtb-pipe in `world`; a `--json` answer is checked against its schema (docs/json/)."""
     proc = world.run("qtb-pipe", *args, env={**QTB_ENV, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"qtb-pipe {args} failed ({proc.returncode}): {proc.stderr.decode()}")
+    if "--json" in args and "--help" not in args:
+        check_answer(args, proc.stdout, proc.returncode)
     return proc
 
 
 def qtb_json(world: Sim, *args: str) -> object:
-    data = json.loads(qtb(world, *args, "--json").stdout)
-    check_json_contract(args, data)
-    return data
-
-
-# docs/json.md: per command section, its tables of (key, when); "key of `qubes.NAME`" tables describe
-# each entry of `qubes`
-JSON_DOC = TESTS.parent / "docs/json.md"
-SECTIONS = {"restore": "restore, verify", "verify": "restore, verify", "config": "config check"}
-SECTIONS |= dict.fromkeys(
-    ("install-shim", "uninstall-shim", "shim-status"), "install-shim, uninstall-shim, shim-status"
-)
-
-
-def json_contract() -> dict[str, list[tuple[bool, dict[str, str]]]]:
-    """{section: [(is a qubes-entry table, {key: when})]} as docs/json.md writes them."""
-    sections: dict[str, list[tuple[bool, dict[str, str]]]] = {}
-    table: dict[str, str] | None = None
-    for line in JSON_DOC.read_text().splitlines():
-        if line.startswith("## "):
-            sections[line[3:].strip()] = []
-        elif line.startswith("| key"):
-            table = {}
-            sections[list(sections)[-1]].append(("qubes.NAME" in line, table))
-        elif line.startswith("| `") and table is not None:
-            key, when = (cell.strip() for cell in line.strip("|").split("|")[:2])
-            table[key.strip("`")] = when
-        elif not line.startswith("|"):
-            table = None
-    return sections
-
-
-def check_json_contract(args: tuple[str, ...], data: object) -> None:
-    """The answer fits one top-level table of its command's section, every qube entry its table:
-    each key documented, each `always` key (or one whose "when" names the command) present."""
-    command = args[0]
-    tables = json_contract()[SECTIONS.get(command, command)]
-
-    def fits(keys: set[str], table: dict[str, str]) -> bool:
-        needed = {k for k, when in table.items() if when == "always" or command in when.split(", ")}
-        return needed <= keys <= set(table)
-
-    assert isinstance(data, dict), (args, data)
-    top = [t for is_entry, t in tables if not is_entry]
-    assert any(fits(set(data), t) for t in top), (args, sorted(data), "see docs/json.md")
-    for entry_table in (t for is_entry, t in tables if is_entry):
-        for name, entry in data["qubes"].items():
-            assert fits(set(entry), entry_table), (args, name, sorted(entry), "see docs/json.md")
+    return json.loads(qtb(world, *args, "--json").stdout)
 
 
 def adapter_init(

@@ -61,15 +61,3 @@ def test_troubleshooting_rows_quote_messages_the_code_still_says():
                 part = part.strip(" ,:/.")
                 if len(part) >= 5:
                     assert part in source, (part, row)
-
-
-def test_json_doc_has_a_section_for_every_command():
-    from drivertools import SECTIONS, json_contract
-
-    from qtb_pipe.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    sections = json_contract()
-    for command in sub.choices:
-        assert SECTIONS.get(command, command) in sections, command
-    assert all(tables for tables in sections.values())  # each section has its table

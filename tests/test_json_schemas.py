@@ -1,0 +1,144 @@
+"""The JSON Schema files of docs/json/: one per command, pinned to the code's formats, consistent with
+their own "when" column, and strict enough to refuse what the code must never print."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from jsoncontract import problems, schema_name, schemas
+
+from qtb_pipe import errors
+from qtb_pipe.adapter import SNAPSHOT_ID_RE, TIME_RE
+from qtb_pipe.cli import build_parser
+from qtb_pipe.config import ENGINES, RETENTION_KEYS
+from qtb_pipe.records import UTC_TIME
+from scrypt_shim.shim import BACKUP_ID_RE, QUBE_NAME_RE
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import gen_json_doc  # noqa: E402
+
+
+def test_json_doc_is_what_the_schemas_say():
+    assert (ROOT / "docs/json.md").read_text() == gen_json_doc.render(), (
+        "docs/json.md is stale: run .venv/bin/python scripts/gen_json_doc.py"
+    )
+
+
+def test_one_schema_per_command():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = {schema_name((c, "check")) for c in sub.choices}
+    assert commands | {"common", "error"} == set(schemas())
+    assert set(gen_json_doc.ORDER) == commands  # the page shows each one
+
+
+def test_the_formats_are_the_codes():
+    defs = schemas()["common"]["$defs"]
+    assert defs["snapshot_id"]["pattern"] == f"^{SNAPSHOT_ID_RE.pattern}$"
+    assert defs["backup_id"]["pattern"] == f"^{BACKUP_ID_RE.pattern}$"
+    assert defs["qube"]["pattern"] == f"^(dom0|{QUBE_NAME_RE.pattern})$"
+    assert defs["dom0_time"]["pattern"] == f"^{UTC_TIME.pattern}$"
+    assert defs["engine_time"]["pattern"] == f"^{TIME_RE.pattern}$"
+    assert defs["engine"]["enum"] == list(ENGINES)
+    codes = sorted(v for k, v in vars(errors).items() if k.startswith("EXIT_") and v)
+    assert (defs["exit_code"]["minimum"], defs["exit_code"]["maximum"]) == (codes[0], codes[-1])
+    retention = schemas()["prune"]["properties"]["retention"]["propertyNames"]["enum"]
+    assert retention == list(RETENTION_KEYS)
+
+
+def objects(node: object):
+    """Every (sub)schema with properties."""
+    if isinstance(node, dict):
+        if "properties" in node:
+            yield node
+        for value in node.values():
+            yield from objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from objects(value)
+
+
+@pytest.mark.parametrize("name", sorted(schemas()))
+def test_when_says_what_is_required(name):
+    """A key without "x-when" is there always (required); one with it is not required at its level."""
+    for node in objects(schemas()[name]):
+        if "required" not in node:
+            continue  # a shape's part (partial_failure, if/then): no table of its own
+        always = {k for k, v in node["properties"].items() if "x-when" not in v}
+        assert set(node["required"]) == always, (name, sorted(node["properties"]))
+
+
+RUN = {
+    "engine": "restic", "dry_run": False, "snapshots": ["a" * 64], "warnings": [],
+    "stream_bytes": 10, "added_bytes": None, "seconds": 1.5,
+    "qubes": {
+        "work": {"status": "backed up", "why": "no copy yet", "snapshot": "a" * 64, "stream_bytes": 10,
+                 "added_bytes": 4},
+        "vault": {"status": "unchanged", "why": "unchanged since aaaa (2026-12-06)"},
+    },
+}  # fmt: skip
+NEWEST = {
+    "engine": "borg", "verified_only": True, "snapshots": ["s1"], "unreadable": {},
+    "qubes": {
+        "work": {"snapshot": "s1", "ok": True, "chunks": 2, "verified": 2, "bytes": 100},
+        "vault": {"snapshot": "s2", "ok": False, "error": "refused", "exit_code": 5},
+    },
+    "error": "1 failed: vault", "exit_code": 5, "hint": "see docs/security.md",
+}  # fmt: skip
+VERIFIED = {  # a verify that passed: the repository check is there
+    **{k: v for k, v in NEWEST.items() if k not in ("error", "exit_code", "hint")},
+    "qubes": {"work": NEWEST["qubes"]["work"]},
+    "engine_check": {"ok": True},
+}
+
+
+def changed(answer: dict, path: str, value: object = KeyError) -> dict:
+    """A copy with the key at PATH (a/b/c) set to VALUE, or removed."""
+    out = copy.deepcopy(answer)
+    *parents, key = path.split("/")
+    node = out
+    for p in parents:
+        node = node[p]
+    if value is KeyError:
+        del node[key]
+    else:
+        node[key] = value
+    return out
+
+
+def test_answers_the_code_gives_are_valid():
+    assert problems("backup", RUN) == [] and problems("restore", NEWEST) == []
+    assert problems("verify", NEWEST) == []  # a partial failure of verify: no engine_check
+    assert problems("verify", VERIFIED) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "answer", "path", "value"),
+    [
+        ("backup", RUN, "stray", 1),  # a key the contract does not name
+        ("backup", RUN, "seconds", KeyError),  # a real run always says how long
+        ("backup", RUN, "qubes/work/snapshot", KeyError),  # backed up: where to
+        ("backup", RUN, "qubes/work/status", "done"),
+        ("backup", RUN, "qubes/work/stream_bytes", -1),
+        ("backup", RUN, "snapshots", ["no spaces allowed"]),
+        ("backup", RUN, "qubes/1work", {"status": "unchanged", "why": ""}),  # not a qube name
+        ("backup", RUN, "error", "half an error"),  # an error carries its exit code and hint
+        ("restore", NEWEST, "qubes/vault/error", KeyError),  # a failed qube says why
+        ("restore", NEWEST, "backup_id", "20261206T204345-1"),  # one shape or the other, not both
+        ("verify", VERIFIED, "engine_check", KeyError),  # a verify that passed ran the check
+        ("restore", NEWEST, "qubes/work/ok", False),  # failed, and not why
+    ],
+)
+def test_answers_the_code_must_not_give_are_refused(name, answer, path, value):
+    assert problems(name, changed(answer, path, value)), (name, path, value)
+
+
+def test_an_error_object_is_exactly_three_keys():
+    error = {"error": "no configuration", "exit_code": 3, "hint": "run qtb-pipe init"}
+    assert problems("error", error) == []
+    assert problems("error", {**error, "exit_code": 0}) and problems("error", {**error, "extra": 1})
+    assert re.search("exit_code", " ".join(problems("error", changed(error, "exit_code"))))
