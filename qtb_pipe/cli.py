@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from . import __version__, proc, ui
+from . import __version__, errors, proc, ui
 from .actions import manage, setup
 from .actions.backup import run_backup
 from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
@@ -24,7 +24,8 @@ from .ui import print_json
 
 EPILOG = """exit codes: 0 ok, 1 operation failed, 2 bad arguments, 3 not configured (run qtb-pipe init),
 4 unknown or pending snapshot, 5 data failed authentication (tampered / wrong secret / not from this
-backup), 6 backup qube or its adapter not ready, 7 scrypt shim not installed or not active.
+backup), 6 backup qube or its adapter not ready, 7 scrypt shim not installed or not active,
+130 interrupted (Ctrl-C).
 With --json an error is also one JSON object on stdout: {"error", "exit_code", "hint"} (a partial
 failure: the result so far, with those three keys added).
 Docs: docs/commands.md, docs/security.md, docs/troubleshooting.md."""
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-x", "--exclude", action="append", default=[], metavar="QUBE")
     s.add_argument("--full", action="store_true", help="back up every selected qube, changed or not")
     s.add_argument("--dry-run", action="store_true", help="say what would be backed up and why")
+    progress_flag(s)
 
     s = add(
         "restore",
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the verify-only first pass (faster; a bad chunk then stops the restore midway, "
         "after qubes were created, but still before its data is parsed)",
     )
+    progress_flag(s)
 
     s = add(
         "verify",
@@ -286,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-system", action="store_true", help="as for restore: no dom0 record of the snapshot")
     for key in ("skip_broken", "ignore_missing"):
         s.add_argument(f"--{key.replace('_', '-')}", action="store_true", help=RESTORE_FLAGS[key])
+    progress_flag(s)
 
     s = add(
         "list",
@@ -315,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def progress_flag(s: argparse.ArgumentParser) -> None:
+    help = "progress also off a terminal (with --json: JSON lines on stdout)"
+    s.add_argument("--progress", action="store_true", help=help)
+
+
 def fail(message: str, code: int, as_json: bool, result: dict | None = None, prefix: str = "error") -> int:
     """One line on stderr; with --json also one object on stdout: the result so far (a partial
     failure), with `error`, `exit_code` and `hint`."""
@@ -327,7 +336,7 @@ def fail(message: str, code: int, as_json: bool, result: dict | None = None, pre
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    proc.VERBOSE, ui.QUIET = args.verbose, args.quiet
+    proc.VERBOSE, ui.QUIET, ui.FORCED = args.verbose, args.quiet, getattr(args, "progress", False)
     try:
         cleanup_stale_runs()  # a killed run's directory holds the secret in its passphrase file
         result = args.func(args)
@@ -338,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except QtbError as e:
         return fail(str(e), e.code, args.json)
     except KeyboardInterrupt:
-        return fail("interrupted; nothing was committed", 130, args.json, prefix="interrupted")
+        return fail("interrupted; nothing was committed", errors.EXIT_INTERRUPTED, args.json)
     except OSError as e:  # a file dom0 must read or write: say which, and why
         where = f" {e.filename}" if e.filename else ""
         return fail(f"cannot use{where}: {e.strerror or e}", EXIT_FAILED, args.json)

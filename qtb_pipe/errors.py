@@ -10,6 +10,7 @@ EXIT_SNAPSHOT = 4  # unknown or pending snapshot
 EXIT_VERIFY = 5  # data failed authentication: tampered, wrong secret, not from this backup
 EXIT_QUBE = 6  # backup qube missing / not running / adapter missing or repository not ready
 EXIT_SHIM = 7  # the scrypt shim is not installed or not active
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT, as shells report it
 # What to do next, per exit code: the `hint` of a JSON error (the line on stderr says what happened)
 HINTS = {
     EXIT_FAILED: "see docs/troubleshooting.md",
@@ -19,6 +20,7 @@ HINTS = {
     EXIT_VERIFY: "the backup qube served data that does not verify: see docs/security.md",
     EXIT_QUBE: "check the backup qube and its adapter: docs/troubleshooting.md",
     EXIT_SHIM: "run qtb-pipe install-shim; qtb-pipe shim-status shows what qubesd runs",
+    EXIT_INTERRUPTED: "nothing half-done is listed as complete: run the command again",
 }
 
 

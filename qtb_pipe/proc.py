@@ -122,8 +122,7 @@ def stream(
             on_stderr(chunk)
 
     def watch() -> None:  # alive() once a second: it may draw progress too
-        while proc.poll() is None:
-            time.sleep(1)
+        while not ended.wait(1):
             if alive and (mark := alive()) != heard[1]:
                 heard[:] = [time.monotonic(), mark]
             if stall_seconds and time.monotonic() - heard[0] > stall_seconds:
@@ -133,11 +132,15 @@ def stream(
                     proc.wait(60)
                 proc.kill()
 
+    ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
     if stall_seconds or alive:
-        threading.Thread(target=watch, daemon=True).start()
+        watcher.start()
     _drain(proc.stderr, err, on_chunk)
     code = proc.wait()
     reader.join()
+    ended.set()  # and no progress drawn once this returns
+    if watcher.is_alive():
+        watcher.join()
     if stalled.is_set():
         raise QtbError(f"{argv[0]} made no progress for {stall_seconds} s (stall_timeout) and was stopped")
     return Result(code, bytes(out), bytes(err))

@@ -97,11 +97,14 @@ class Run:
         except FileNotFoundError:
             return 0
 
-    def records(self) -> list[ShimRecord]:
+    def records(self, live: bool = False) -> list[ShimRecord]:
+        """The shim's record of each chunk; `live`: of a run still going, whose last line may be
+        half-written (left out)."""
         try:
-            lines = (self.dir / "records.jsonl").read_bytes().splitlines()
+            data = (self.dir / "records.jsonl").read_bytes()
         except FileNotFoundError:
             return []
+        lines = data.split(b"\n")[:-1] if live else data.splitlines()
         out = []
         for line in lines:
             try:
@@ -112,6 +115,10 @@ class Run:
             except (ValueError, TypeError):
                 raise QtbError(f"damaged shim record in {self.dir}", EXIT_FAILED) from None
         return out
+
+    def streamed(self) -> int:
+        """Bytes of the chunks the shim has passed so far in a backup (its progress)."""
+        return sum(r.size for r in self.records(live=True) if r.op == "enc")
 
     def failure(self) -> str | None:
         failed = [r for r in self.records() if r.status != "ok"]

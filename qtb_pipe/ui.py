@@ -1,4 +1,4 @@
-"""Terminal output: human sizes, a progress line (percent, ETA), --json printing."""
+"""Terminal output: human sizes, a progress line (percent, bytes, rate, ETA), --json printing."""
 
 from __future__ import annotations
 
@@ -35,38 +35,52 @@ def short_id(snapshot_id: str) -> str:
 
 
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+    """The result; with --progress, one line like the progress lines before it (JSON Lines)."""
+    print(json.dumps(data, indent=None if FORCED else 2, sort_keys=True))
 
 
 class Progress:
-    """A one-line progress display on a terminal; silent when stderr is not a terminal or --json."""
+    """A one-line progress display on a terminal (stderr), silent when stderr is not a terminal or
+    with --json; --progress draws it anyway: text lines, or with --json one JSON line per second on
+    stdout, before the result (docs/json/progress.schema.json)."""
 
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label, self.enabled = label, enabled and not QUIET and sys.stderr.isatty()
-        self.start, self.last_draw = time.monotonic(), 0.0
+    def __init__(self, action: str, qubes: list[str], as_json: bool) -> None:
+        self.action, self.qubes, self.as_json = action, qubes, as_json
+        self.label = f"{action} {', '.join(qubes)[:60]}"
+        self.tty = sys.stderr.isatty() and not as_json
+        self.enabled = not QUIET and (self.tty or FORCED)
+        self.start, self.last_draw, self.finished = time.monotonic(), -1.0, False
 
     def update(self, percent: float, done_bytes: int | None = None) -> None:
-        if not self.enabled:
-            return
         now = time.monotonic()
-        if now - self.last_draw < 0.2 and percent < 100:
+        throttled = now - self.last_draw < (0.2 if self.tty else 1) and percent < 100
+        if not self.enabled or throttled or self.finished:
             return
-        self.last_draw = now
-        elapsed = now - self.start
+        self.last_draw, elapsed, self.finished = now, now - self.start, percent >= 100
+        eta = round(elapsed * (100 - percent) / percent) if 0 < percent < 100 else None
+        rate = None if done_bytes is None else int(done_bytes / max(elapsed, 0.1))
+        if self.as_json:
+            line = {"message_type": "progress", "action": self.action, "qubes": self.qubes,
+                    "percent": round(percent, 1), "bytes_done": done_bytes, "bytes_per_second": rate,
+                    "seconds": round(elapsed, 1), "eta_seconds": eta}  # fmt: skip
+            print(json.dumps(line, sort_keys=True), flush=True)
+            return
         parts = [f"{self.label}: {percent:5.1f}%"]
         if done_bytes is not None:
-            parts.append(f"{human_bytes(done_bytes)} ({human_bytes(done_bytes / max(elapsed, 0.1))}/s)")
-        if 0 < percent < 100:
-            parts.append(f"ETA {human_duration(elapsed * (100 - percent) / percent)}")
-        sys.stderr.write("\r" + "  ".join(parts) + "\x1b[K")
+            parts.append(f"{human_bytes(done_bytes)} ({human_bytes(rate)}/s)")
+        if eta is not None:
+            parts.append(f"ETA {human_duration(eta)}")
+        sys.stderr.write(("\r" + "  ".join(parts) + "\x1b[K") if self.tty else "  ".join(parts) + "\n")
         sys.stderr.flush()
 
     def done(self) -> None:
-        if self.enabled:
+        self.finished = True
+        if self.enabled and self.tty:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
 
 
+FORCED = False  # --progress: draw progress off a terminal too (JSON lines with --json)
 QUIET = False  # set by the command line (-q): errors and warnings only
 
 

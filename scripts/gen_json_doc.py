@@ -103,7 +103,7 @@ def section(name: str) -> list[str]:
 def render() -> str:
     error = load("error")
     parts = [INTRO, "## Errors", "", error["description"], "", *tables(error, "error", "")]
-    for name in ORDER:
+    for name in (*ORDER, "progress"):
         parts += section(name)
     return "\n".join(parts).rstrip() + "\n"
 

@@ -45,8 +45,13 @@ def problems(name: str, data: object) -> list[str]:
 def check_answer(args: tuple[str, ...], stdout: bytes, returncode: int) -> object:
     """The one JSON object on stdout fits its command's schema; a failure's is an error object or
     the command's result with the error's keys (a partial failure), carrying the exit code."""
-    data = json.loads(stdout)
     name = schema_name(args)
+    if "--progress" in args:  # JSON Lines: progress objects, then the result on one line
+        *lines, last = stdout.decode().splitlines()
+        for line in lines:
+            assert not (found := problems("progress", json.loads(line))), (args, line, found)
+        stdout = last.encode()
+    data = json.loads(stdout)
     found = problems(name, data)
     if returncode == 0:
         assert not found, (args, found, f"see docs/json/{name}.schema.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_progress_is_drawn_on_a_terminal(backed_up, engine):
     env = {k: v for k, v in {**os.environ, **FAST_ENV, **QTB_ENV, **small_chunks}.items() if v is not None}
     argv = ["run", str(backed_up.world.root), "--", "qtb-pipe", "backup", "--full", "debian-12"]
     child = pexpect.spawn("qubes-sim", argv, env=env, timeout=120)
-    child.expect(r"\rbackup debian-12: +[0-9]{1,3}\.[0-9]%")
+    child.expect(r"\rbackup debian-12: +[0-9]{1,3}\.[0-9]%  [0-9.]+ (B|KiB|MiB) \([0-9.]+ (B|KiB|MiB)/s\)")
     child.expect(r"\r\x1b\[K")  # the line is cleared when the qube is done
     child.expect(r"1 qube\(s\) backed up: ")
     child.expect(pexpect.EOF)
@@ -161,6 +162,23 @@ def test_progress_is_drawn_on_a_terminal(backed_up, engine):
         shown = child.before.decode()
         assert child.exitstatus == 0 and result in shown, shown
         assert "\r" not in shown.replace("\r\n", "") and "qtb-pipe:" not in shown, shown
+
+
+def test_progress_off_a_terminal_when_asked(backed_up, engine):
+    """--progress: with --json, JSON lines on stdout (qtb() checks each against progress.schema.json)
+    and the result last, on one line; without, text lines on stderr although it is a pipe."""
+    small_chunks = {"QUBES_SIM_TEST_CHUNK_SIZE": str(64 * 1024)}  # a run of a few seconds
+    world = backed_up.world
+    proc = qtb(world, "backup", "--full", "debian-12", "--json", "--progress", env=small_chunks)
+    *progress, result = (json.loads(line) for line in proc.stdout.decode().splitlines())
+    assert progress and all(p["action"] == "backup" and p["qubes"] == ["debian-12"] for p in progress)
+    done = [p["bytes_done"] for p in progress]
+    assert done == sorted(done) and done[-1] > 0  # the bytes the shim passed, growing
+    assert result["qubes"]["debian-12"]["status"] == "backed up" and "message_type" not in result
+    snapshot = result["qubes"]["debian-12"]["snapshot"]
+    text = qtb(world, "verify", snapshot, "--progress").stderr.decode()
+    assert re.search(r"^verify debian-12: +[0-9.]+%  [0-9.]+ (B|KiB|MiB) \(", text, re.M), text
+    assert "\r" not in text  # lines, not a terminal's redrawn line
 
 
 def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up, engine):

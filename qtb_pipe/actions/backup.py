@@ -151,8 +151,9 @@ def backup_unit(
     try:
         location = adapter.store_location(run.run_id)
         res = qubes.qvm_backup(
-            cfg.backup_qube, location, str(passphrase_file), list(entries), progress.update, cfg.stall_timeout
-        )
+            cfg.backup_qube, location, str(passphrase_file), list(entries),
+            lambda percent: progress.update(percent, run.streamed()), cfg.stall_timeout,
+        )  # fmt: skip
         progress.done()
         if res.code != 0:
             detail, code = adapter_failure(res.stderr)
@@ -264,7 +265,7 @@ def run_backup(
         try:
             done = backup_unit(
                 cfg, adapter, secret, qube_entries(all_qubes, [d.qube]), {d.qube: d.fingerprint},
-                Progress(f"backup {d.qube}", not as_json),
+                Progress("backup", [d.qube], as_json),
             )  # fmt: skip
         except QtbError as e:
             entry.update(status="failed", error=str(e), exit_code=e.code)

@@ -128,7 +128,7 @@ def restore_pass(
     the chunks the shim accepted."""
     names = [name for name, q in found.qubes.items() if q.path in prefixes]
     action = "verify" if flags.verify_only else "restore"
-    progress = Progress(f"{action} {', '.join(names)[:60]}", not as_json)
+    progress = Progress(action, names, as_json)
     run = Run()
     passphrase_file = str(run.create(secret))
     try:
