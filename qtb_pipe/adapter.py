@@ -37,13 +37,14 @@ ADAPTER_EXIT = {
 ADAPTER_ERROR_RE = re.compile(rb"qtb-adapter: error \(exit ([0-9]{1,3})\): ")
 
 
-def adapter_failure(stderr: bytes) -> tuple[str, int]:
-    """The one-line reason and exit code of a failed qvm-backup / qvm-backup-restore. The adapter's
-    exit code does not reach dom0 through qubesd, so its error line carries it (docs/adapters.md)."""
-    detail = proc.one_line(stderr, "no message")
-    found = ADAPTER_ERROR_RE.findall(stderr[-proc.MAX_ERROR_BYTES :])
-    hint, code = ADAPTER_EXIT.get(int(found[-1]), (None, EXIT_FAILED)) if found else (None, EXIT_FAILED)
-    return detail + (f" ({hint})" if hint else ""), code
+def adapter_failure(stderr: bytes, exit_code: int | None = None) -> tuple[str, int]:
+    """The one-line reason and dom0 exit code of a failed adapter call (`exit_code`: its own), or of
+    qvm-backup / qvm-backup-restore: the adapter's exit code does not reach dom0 through qubesd, so
+    its error line carries it (docs/adapters.md)."""
+    if exit_code is None and (found := ADAPTER_ERROR_RE.findall(stderr[-proc.MAX_ERROR_BYTES :])):
+        exit_code = int(found[-1])
+    hint, code = ADAPTER_EXIT.get(exit_code, (None, EXIT_FAILED))
+    return proc.one_line(stderr, "no message") + (f" ({hint})" if hint else ""), code
 
 
 def check_snapshot_id(value: str) -> str:
@@ -107,16 +108,12 @@ class Adapter:
     def _call(self, *args: str, input: bytes | None = None, limit: int = MAX_JSON) -> bytes:
         res = qubes.run_in_qube(self.qube, [self.command, *args], input=input, stdout_limit=limit)
         if res.code != 0:
-            detail = proc.one_line(res.stderr, "no error message")
-            hint, code = ADAPTER_EXIT.get(res.code, (None, EXIT_FAILED))
             if b"is not running" in res.stderr and res.code == 1 and not res.stdout:
                 raise QtbError(
                     f"backup qube '{self.qube}' is not running: start it (qvm-start {self.qube})", EXIT_QUBE
                 )
-            raise QtbError(
-                f"qtb-adapter {args[0]} in '{self.qube}' failed: {detail}" + (f" ({hint})" if hint else ""),
-                code,
-            )
+            detail, code = adapter_failure(res.stderr, res.code)
+            raise QtbError(f"qtb-adapter {args[0]} in '{self.qube}' failed: {detail}", code)
         return res.stdout
 
     def _json(self, *args: str, input: bytes | None = None) -> Any:

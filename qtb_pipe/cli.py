@@ -134,11 +134,8 @@ def print_check(result: dict) -> None:
 class Parser(argparse.ArgumentParser):
     """Argument errors in one line, exit 2 (argparse would print the whole usage first)."""
 
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        if "--json" in sys.argv[1:]:  # before the arguments are parsed: the word is enough
-            print_json({"error": message, "exit_code": EXIT_USAGE, "hint": f"see {self.prog} --help"})
-        sys.exit(EXIT_USAGE)
+    def error(self, message: str) -> NoReturn:  # --json: before the arguments are parsed, the word is enough
+        sys.exit(fail(f"{message} (see {self.prog} --help)", EXIT_USAGE, "--json" in sys.argv[1:]))
 
 
 def keep_count(text: str) -> int:
@@ -181,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-q", "--quiet", action="store_true", help="no progress, no notes (warnings stay)")
         if engine:
             s.add_argument("--engine", choices=ENGINES, help="instead of the config's engine")
+        if name in ("backup", "restore", "verify"):
+            s.add_argument("--progress", action="store_true", help="also off a terminal (--json: JSON lines)")
         s.set_defaults(func=func, show=show)
         return s
 
@@ -237,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-x", "--exclude", action="append", default=[], metavar="QUBE")
     s.add_argument("--full", action="store_true", help="back up every selected qube, changed or not")
     s.add_argument("--dry-run", action="store_true", help="say what would be backed up and why")
-    progress_flag(s)
 
     s = add(
         "restore",
@@ -273,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the verify-only first pass (faster; a bad chunk then stops the restore midway, "
         "after qubes were created, but still before its data is parsed)",
     )
-    progress_flag(s)
 
     s = add(
         "verify",
@@ -289,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-system", action="store_true", help="as for restore: no dom0 record of the snapshot")
     for key in ("skip_broken", "ignore_missing"):
         s.add_argument(f"--{key.replace('_', '-')}", action="store_true", help=RESTORE_FLAGS[key])
-    progress_flag(s)
 
     s = add(
         "list",
@@ -319,9 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def progress_flag(s: argparse.ArgumentParser) -> None:
-    help = "progress also off a terminal (with --json: JSON lines on stdout)"
-    s.add_argument("--progress", action="store_true", help=help)
+HOOKED = ("backup", "prune", "verify", "check")  # the scheduled jobs, and check
+
+
+def run_hooked(args: argparse.Namespace) -> dict:
+    """The command, inside the config's hooks (not with --dry-run): `before` failing stops it,
+    `on_error` runs when it or a hook failed (its own failure is only said), `after` on success."""
+    if args.command not in HOOKED or getattr(args, "dry_run", False):
+        return args.func(args)
+    hooks, env = load_config().hooks, {"QTB_PIPE_COMMAND": args.command}
+    result = None
+    try:
+        run_hooks(hooks, "before", env)
+        result = args.func(args)
+        run_hooks(hooks, "after", env)
+        return result
+    except QtbError as e:
+        run_hooks(hooks, "on_error", {**env, "QTB_PIPE_ERROR": str(e), "QTB_PIPE_EXIT_CODE": str(e.code)})
+        if result is not None:  # only the after hook failed: the work is done, say so with the error
+            raise PartialFailure(str(e), e.code, result) from None
+        raise
+
+
+def run_hooks(hooks: dict, stage: str, env: dict[str, str]) -> None:
+    for command in hooks.get(stage, []):
+        if why := proc.hook(command, env, hooks.get("timeout", 600)):
+            if stage == "on_error":
+                print(f"qtb-pipe: warning: on_error hook {command!r} {why}", file=sys.stderr)
+                continue
+            raise QtbError(f"{stage} hook {command!r} {why}", EXIT_FAILED)
 
 
 def fail(message: str, code: int, as_json: bool, result: dict | None = None, prefix: str = "error") -> int:
@@ -339,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     proc.VERBOSE, ui.QUIET, ui.FORCED = args.verbose, args.quiet, getattr(args, "progress", False)
     try:
         cleanup_stale_runs()  # a killed run's directory holds the secret in its passphrase file
-        result = args.func(args)
+        result = run_hooked(args)
     except PartialFailure as e:
         if args.show and not args.json:
             args.show(e.result)

@@ -17,10 +17,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scrypt_shim.shim import QUBE_NAME_RE
+
 from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE, QtbError
 
 SECRET_RE = re.compile(r"[0-9a-f]{64}")
-QUBE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 ENGINES = ("restic", "borg")
 RETENTION_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
@@ -55,6 +56,8 @@ class Config:
     retention: dict[str, int] = field(
         default_factory=lambda: {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 6}
     )
+    # shell commands run in dom0 around the jobs (cli.run_hooked): before, after, on_error; timeout
+    hooks: dict[str, list[str] | int] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -73,28 +76,22 @@ class Config:
                 )
             if value < 0:  # restic and borg users read -1 as "keep all"; it would remove everything
                 raise QtbError(f"config: retention.{key} must be a whole number >= 0", EXIT_CONFIG)
+        for key, value in self.hooks.items():
+            commands = key in HOOK_STAGES and type(value) is list and all(type(c) is str for c in value)
+            if not (commands or (key == "timeout" and type(value) is int and value > 0)):
+                raise QtbError(f"config: hooks.{key}: {HOOKS_WORDS}", EXIT_CONFIG)
 
     def to_toml(self) -> str:
-        def q(s: str) -> str:
-            return json.dumps(s)  # a JSON string is a valid TOML basic string
-
-        lines = [
-            "# qtb-pipe dom0 configuration (see `qtb-pipe config check`)",
-            f"backup_qube = {q(self.backup_qube)}",
-            f"engine = {q(self.engine)}",
-            "# qubes to back up; empty = every qube whose include_in_backups is true",
-            f"include = [{', '.join(q(n) for n in self.include)}]",
-            f"exclude = [{', '.join(q(n) for n in self.exclude)}]",
-            "# start the backup qube if it is not running",
-            f"start_backup_qube = {'true' if self.start_backup_qube else 'false'}",
-            "# the adapter in the backup qube (a full path if it is not on the qrexec services' PATH)",
-            f"adapter_command = {q(self.adapter_command)}",
-            "# stop a backup or restore that makes no progress for this many seconds (0: never)",
-            f"stall_timeout = {self.stall_timeout}",
-            "",
-            "[retention]",
-            *(f"{k} = {v}" for k, v in self.retention.items()),
-        ]
+        """The file, each setting under the comment SETTING_TYPES gives it; tables last. JSON's
+        strings, lists, numbers and booleans are TOML's."""
+        lines = ["# qtb-pipe dom0 configuration (see `qtb-pipe config check`)"]
+        for name, (_, _, _, about) in SETTING_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                table = [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+                lines += ["", f"# {about}", f"[{name}]", *table]
+            else:
+                lines += [f"# {about}", f"{name} = {json.dumps(value)}"]
         return "\n".join(lines) + "\n"
 
 
@@ -116,21 +113,30 @@ def load_config() -> Config:
     return cfg
 
 
-# Each setting's TOML type: (outer type, type of the items or values, what to tell the user)
-SETTING_TYPES: dict[str, tuple[type, type | None, str]] = {
-    "backup_qube": (str, None, "a qube name in quotes"),
-    "engine": (str, None, '"restic" or "borg"'),
-    "include": (list, str, 'a list of qube names, e.g. ["work", "vault"]'),
-    "exclude": (list, str, 'a list of qube names, e.g. ["work", "vault"]'),
-    "start_backup_qube": (bool, None, "true or false (no quotes)"),
-    "adapter_command": (str, None, "a command name or path in quotes"),
-    "stall_timeout": (int, None, "a whole number of seconds (0: never)"),
-    "retention": (dict, int, "a [retention] table of keep_* = whole numbers"),
-}
+# Each setting: its TOML type (outer, and of the items or values), what to tell the user who got it
+# wrong, and the comment above it in the file `init` writes (the order is the file's)
+SETTING_TYPES: dict[str, tuple[type, type | None, str, str]] = {
+    "backup_qube": (str, None, "a qube name in quotes", "the qube that runs qtb-adapter"),
+    "engine": (str, None, '"restic" or "borg"', "restic or borg (another: --engine)"),
+    "include": (list, str, 'a list of qube names, e.g. ["work", "vault"]',
+                "qubes to back up; empty = every qube whose include_in_backups is true"),
+    "exclude": (list, str, 'a list of qube names, e.g. ["work", "vault"]', "qubes never backed up"),
+    "start_backup_qube": (bool, None, "true or false (no quotes)", "start the backup qube when it is off"),
+    "adapter_command": (str, None, "a command name or path in quotes",
+                        "the adapter in the backup qube (a full path if it is not on qrexec's PATH)"),
+    "stall_timeout": (int, None, "a whole number of seconds (0: never)",
+                      "stop a backup or restore that makes no progress for this many seconds (0: never)"),
+    "retention": (dict, int, "a [retention] table of keep_* = whole numbers",
+                  "keep_last/daily/weekly/monthly/yearly, applied to each qube's own copies"),
+    "hooks": (dict, None, "a [hooks] table", "before/after/on_error = [shell commands] around backup, "
+              "prune, verify, check; timeout = seconds (README: Hooks)"),
+}  # fmt: skip
+HOOK_STAGES = ("before", "after", "on_error")
+HOOKS_WORDS = "before, after and on_error are lists of commands in quotes, timeout whole seconds > 0"
 
 
 def check_setting_type(path: Path, key: str, value: object) -> None:
-    outer, inner, words = SETTING_TYPES[key]
+    outer, inner, words, _ = SETTING_TYPES[key]
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     if type(value) is not outer or (inner is not None and any(type(v) is not inner for v in items)):
         raise QtbError(f"{path}: {key} must be {words}", EXIT_CONFIG)

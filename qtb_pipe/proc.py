@@ -42,13 +42,15 @@ class Result:
     stderr: bytes
 
 
-def _spawn(argv: list[str], stdin: int, preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+def _spawn(
+    argv: list[str], stdin: int, preexec: Callable[[], None] | None = None, env: dict | None = None
+) -> subprocess.Popen:
     """Every child dom0 starts: logged with -v; stdout and stderr are pipes."""
     if VERBOSE:
         print(f"qtb-pipe: + {shlex.join(argv)}", file=sys.stderr, flush=True)
     try:
         return subprocess.Popen(
-            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec
+            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec, env=env
         )
     except FileNotFoundError:
         raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
@@ -87,6 +89,20 @@ def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20
     code = proc.wait()
     reader.join()
     return Result(code, out, bytes(err))
+
+
+def hook(command: str, env: dict[str, str], timeout: int) -> str | None:
+    """A hook of the user's config (`sh -c COMMAND`, in a session of its own so that a timeout stops
+    all of it); its output goes to stderr, as stdout is the result's. Returns why it failed, or None."""
+    child = _spawn(["/bin/sh", "-c", command], subprocess.DEVNULL, os.setsid, {**os.environ, **env})
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return f"still running after {timeout} s (hooks.timeout): stopped"
+    sys.stderr.write(printable((out + err).decode(errors="replace"), 20_000))
+    return f"exited with code {child.returncode}: {one_line(err)}" if child.returncode else None
 
 
 def _feed(pipe, data: bytes) -> None:

@@ -8,6 +8,8 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from scrypt_shim import shim
+
 from . import proc
 from .errors import EXIT_QUBE, QtbError
 
@@ -17,13 +19,10 @@ PROGRESS_RE = re.compile(rb"Making a backup\.\.\. ([0-9]{1,3}(?:\.[0-9]{1,2})?)%
 
 @dataclass
 class QubeInfo:
-    name: str
     klass: str
     qid: int
     running: bool
     include_in_backups: bool
-    template: str | None
-    netvm: str | None
 
 
 # qvm-backup-restore fetches qubes.xml from a qube under a fixed 1 MiB cap that --ignore-size-limit
@@ -31,23 +30,25 @@ class QubeInfo:
 QUBES_XML_RETRIEVAL_CAP = 1024 * 1024
 
 
+def qubes_xml_too_big(chunks: list[dict]) -> str | None:
+    """Why a stream of these chunks (a manifest's) cannot be restored from the backup qube, if so."""
+    sent = sum(c["size"] + shim.TRAILER_SIZE for c in chunks if c["path"] == shim.QUBES_XML_PATH)
+    if sent <= QUBES_XML_RETRIEVAL_CAP:
+        return None
+    return (
+        f"its qubes.xml ({sent} bytes) is over the 1 MiB that qvm-backup-restore accepts from a qube: "
+        "restore it from a local copy of the stream (docs/emergency-restore.md)"
+    )
+
+
 def list_qubes() -> dict[str, QubeInfo]:
-    fields_ = "name,class,qid,state,include_in_backups,template,netvm"
-    res = proc.run(["qvm-ls", "--raw-data", "--fields", fields_])
+    res = proc.run(["qvm-ls", "--raw-data", "--fields", "name,class,qid,state,include_in_backups"])
     if res.code != 0:
         raise QtbError(f"qvm-ls failed: {proc.one_line(res.stderr)}")
     qubes = {}
     for line in res.stdout.decode().splitlines():
-        name, klass, qid, state, include, template, netvm = line.split("|")
-        qubes[name] = QubeInfo(
-            name,
-            klass,
-            int(qid),
-            state == "Running",
-            include.lower() == "true",
-            None if template in ("", "-") else template,
-            None if netvm in ("", "-") else netvm,
-        )
+        name, klass, qid, state, include = line.split("|")
+        qubes[name] = QubeInfo(klass, int(qid), state == "Running", include.lower() == "true")
     return qubes
 
 

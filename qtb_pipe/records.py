@@ -52,10 +52,7 @@ def load_records() -> dict[tuple[str, str], SnapshotRecord]:
     """Every record, keyed (engine, id). A damaged one stops the command (exit 3, named): silently
     skipping it would make its snapshot look unrecorded and its qubes' older copies the newest."""
     out: dict[tuple[str, str], SnapshotRecord] = {}
-    folder = records_dir()
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(records_dir().glob("*.json")):  # none yet: no folder, nothing globbed
         try:
             rec = SnapshotRecord(**json.loads(path.read_text()))
             if isinstance(rec.qubes, list):  # records of qtb-pipe 0.1 had no fingerprints

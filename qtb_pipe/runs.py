@@ -27,10 +27,7 @@ CREATE_LOCK_NAME = "runs.lock"  # beside runs/
 
 def make_user_passphrase(token: str, secret: bytes) -> str:
     """The passphrase qvm-backup / qvm-backup-restore get for one run: `qtb1:<token>:<secret>`."""
-    passphrase = f"{shim.USER_PART_MARK}{token}:{secret.hex()}"
-    if not shim.USER_PART_RE.fullmatch(passphrase):
-        raise ValueError("token must be 32 lowercase hex digits and the secret 32 bytes")
-    return passphrase
+    return f"{shim.USER_PART_MARK}{token}:{secret.hex()}"  # a malformed one: the shim refuses it
 
 
 @dataclass

@@ -65,10 +65,6 @@ class ShimError(Exception):
     """What the shim refuses; the message is the one-line reason on stderr."""
 
 
-class QtbPassphraseError(ShimError):
-    """A passphrase that holds `qtb1:` but is not a well-formed qtb-pipe passphrase."""
-
-
 # --- keys, passphrase, tags, trailer --------------------------------------------------------
 @dataclass(frozen=True)
 class Keys:
@@ -109,7 +105,7 @@ def parse_qtb_passphrase(passphrase: bytes) -> QtbPassphrase | None:
     if prefix == HEADER_PATH and match:
         return QtbPassphrase(HEADER_PATH, None, match[1], bytes.fromhex(match[2]))
     if match is None or not BACKUP_ID_RE.fullmatch(backup_id) or not CHUNK_PATH_RE.fullmatch(path):
-        raise QtbPassphraseError("passphrase holds 'qtb1:' but is not a well-formed qtb-pipe passphrase")
+        raise ShimError("passphrase holds 'qtb1:' but is not a well-formed qtb-pipe passphrase")
     return QtbPassphrase(path, backup_id, match[1], bytes.fromhex(match[2]))
 
 
@@ -150,12 +146,6 @@ def parse_trailer(raw: bytes) -> Trailer | None:
     if len(raw) != TRAILER_SIZE or not raw.startswith(TRAILER_MAGIC):
         return None
     return Trailer(raw[8:16], struct.unpack(">Q", raw[16:24])[0], raw[24:56])
-
-
-def split_chunk_path(path: str) -> tuple[str, int | None]:
-    """`vm12/private.img.003` -> ("vm12/private.img", 3); a path without a chunk number -> (path, None)."""
-    match = CHUNK_PATH_RE.fullmatch(path)
-    return (match["file"], int(match["index"])) if match else (path, None)
 
 
 def header_backup_id(header: bytes) -> str | None:
@@ -268,14 +258,12 @@ def read_passphrase(invocation: Invocation) -> bytes:
 
 
 # --- handing over to the real scrypt --------------------------------------------------------
-def exec_real_scrypt(argv: list[str], pass_fd: int | None = None) -> NoReturn:
+def exec_real_scrypt(argv: list[str]) -> NoReturn:
     """Become the real scrypt; never fall back to pass-through when it is missing."""
     problem = "is missing or not executable"
     if os.path.realpath(REAL_SCRYPT) == os.path.realpath(__file__):
         problem = "is this shim itself"
     elif os.path.isfile(REAL_SCRYPT) and os.access(REAL_SCRYPT, os.X_OK):
-        if pass_fd is not None:
-            os.set_inheritable(pass_fd, True)
         try:
             os.execv(REAL_SCRYPT, argv)
         except OSError as exc:
@@ -288,11 +276,12 @@ def hand_over(argv: list[str], invocation: Invocation, passphrase: bytes) -> NoR
     """The real scrypt with the same arguments and the passphrase already read, as `--passphrase
     file:/dev/fd/N` (read once, no prompt): the caller sees one dialogue, as with scrypt alone."""
     read_end, write_end = os.pipe()
+    os.set_inheritable(read_end, True)
     # readpass_file takes one line of at most 2047 bytes: a newline only while there is room
     os.write(write_end, passphrase + b"\n" if len(passphrase) < MAXPASSLEN - 1 else passphrase)
     os.close(write_end)
     argv = [argv[0], invocation.mode, *invocation.options, "--passphrase", f"file:/dev/fd/{read_end}"]
-    exec_real_scrypt([*argv, "--", invocation.infile, invocation.outfile], pass_fd=read_end)
+    exec_real_scrypt([*argv, "--", invocation.infile, invocation.outfile])
 
 
 # --- the run directory (dom0 side: qtb_pipe/runs.py) ----------------------------------------
@@ -533,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     except PassphraseUnavailable as exc:
         _say(str(exc))
         return 1
-    except QtbPassphraseError as exc:
+    except ShimError as exc:  # a passphrase that holds `qtb1:` but is not well-formed
         _say(f"qtb-pipe: {exc}")
         return 1
     if qtb is None:

@@ -1,5 +1,5 @@
 """Lists that exist twice, pinned: the exit codes in the docs and in the code, the command reference
-and the parser it is generated from."""
+and the parser it is generated from, the JSON reference and its schemas."""
 
 from __future__ import annotations
 
@@ -16,11 +16,18 @@ from qtb_pipe.cli import EPILOG
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import gen_commands_doc  # noqa: E402
+import gen_json_doc  # noqa: E402
 
 
 def test_commands_doc_is_what_the_parser_says():
     assert (ROOT / "docs/commands.md").read_text() == gen_commands_doc.render(), (
         "docs/commands.md is stale: run .venv/bin/python scripts/gen_commands_doc.py"
+    )
+
+
+def test_json_doc_is_what_the_schemas_say():
+    assert (ROOT / "docs/json.md").read_text() == gen_json_doc.render(), (
+        "docs/json.md is stale: run .venv/bin/python scripts/gen_json_doc.py"
     )
 
 

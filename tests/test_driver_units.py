@@ -9,15 +9,17 @@ from dataclasses import replace
 import pytest
 
 from qtb_pipe import qubes
-from qtb_pipe.actions.backup import check_run, qubes_xml_warning
+from qtb_pipe.actions.backup import check_run
 from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order, unpacker_refusal
 from qtb_pipe.adapter import Adapter, Member
 from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery_key
 from qtb_pipe.errors import EXIT_FAILED, QtbError
 from qtb_pipe.manifest import Manifest, QubeEntry
 from qtb_pipe.proc import Result
+from qtb_pipe.qubes import QUBES_XML_RETRIEVAL_CAP, qubes_xml_too_big
 from qtb_pipe.records import SnapshotRecord, catalog, record_path, records_dir, save_record
 from qtb_pipe.runs import ShimRecord
+from scrypt_shim import shim
 
 BID = "20261124T010203-42"
 
@@ -39,10 +41,13 @@ def stored() -> list[Member]:
     ]
 
 
-def test_qubes_xml_over_the_restore_cap_is_warned():
-    assert qubes_xml_warning(stored()) is None
-    big = [*stored()[:2], Member("qubes.xml.000.enc", 1024 * 1024 + 1)]
-    assert "1 MiB" in qubes_xml_warning(big)
+def test_qubes_xml_over_the_restore_cap_is_said():
+    """The cap is on what is sent: the sealed chunk, its trailer included."""
+    chunk = {"path": "qubes.xml.000", "tag": "0" * 64}
+    limit = QUBES_XML_RETRIEVAL_CAP - shim.TRAILER_SIZE
+    volume = {"path": "vm3/private.img.000", "size": 1 << 30, "tag": "1" * 64}
+    assert qubes_xml_too_big([{**chunk, "size": limit}, volume]) is None
+    assert "1 MiB" in qubes_xml_too_big([{**chunk, "size": limit + 1}])
 
 
 def test_check_run_accepts_exact_match_and_refuses_any_difference():

@@ -464,3 +464,43 @@ def test_two_backups_at_once_both_commit_or_say_why(backed_up, engine):
     assert any(code == 0 for code, _, _ in results.values())
     verified = qtb_json(world, "verify")
     assert all(q["ok"] for q in verified["qubes"].values())
+
+
+def test_hooks_run_around_the_jobs_and_a_failing_one_is_said(backed_up, engine, tmp_path: Path):
+    """[hooks] (issue 12.6): before/after/on_error around backup, prune, verify and check, not on a
+    dry run; a failing `before` stops the job, a hung hook is stopped at hooks.timeout."""
+    world, log = backed_up.world, tmp_path / "hooks.log"
+    config = world.dom0 / "etc/qtb-pipe/config.toml"
+    text = config.read_text().split("\n[hooks]\n")[0] + "\n"
+
+    def hooks(**stages: object) -> None:
+        config.write_text(text + "[hooks]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in stages.items()))
+
+    def say(what: str) -> str:
+        return f'echo "{what} $QTB_PIPE_COMMAND $QTB_PIPE_EXIT_CODE" >> {log}'
+
+    hooks(before=[say("before")], after=[say("after")], on_error=[say("error")])
+    qtb_json(world, "backup")
+    qtb(world, "backup", "--dry-run")
+    qtb(world, "prune", "--dry-run")
+    assert log.read_text().splitlines() == ["before backup ", "after backup "]  # none on dry runs
+    before = complete_ids(world)
+    failing = ["echo mount failed >&2; exit 3", say("never")]
+    hooks(before=failing, after=[say("after")], on_error=[say("error")])
+    proc = qtb(world, "backup", "--json", check=False)
+    assert proc.returncode == 1 and "exited with code 3: mount failed" in json.loads(proc.stdout)["error"]
+    assert complete_ids(world) == before  # the job did not run
+    assert log.read_text().splitlines()[2:] == ["error backup 1"]  # and not "never", nor "after"
+    # a hung after hook: stopped at the timeout; the check itself passed and its result stays
+    hooks(after=["sleep 60"], timeout=1)
+    started = time.monotonic()
+    proc = qtb(world, "check", "--json", check=False)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 1 and result["ok"] and "still running after 1 s" in result["error"]
+    assert time.monotonic() - started < 30
+    hooks(on_error=["exit 1"], before=["exit 2"])  # on_error's own failure is only a warning
+    proc = qtb(world, "check", check=False)
+    assert "warning: on_error hook 'exit 1' exited with code 1" in proc.stderr.decode()
+    assert "before hook 'exit 2' exited with code 2" in one_line_error(proc, 1)
+    hooks(before="echo not a list")
+    assert "hooks.before" in one_line_error(qtb(world, "check", check=False), 3)

@@ -58,18 +58,6 @@ def select_qubes(
     return Selection(included, left_out)
 
 
-def qubes_xml_warning(stored: list[Member]) -> str | None:
-    """qvm-backup-restore fetches qubes.xml from a qube with a fixed 1 MiB cap (facts §3) that
-    --ignore-size-limit does not lift: such a backup could not be restored from the backup qube."""
-    xml = next((m for m in stored if m.name == "qubes.xml.000.enc"), None)
-    if xml is None or xml.size <= qubes.QUBES_XML_RETRIEVAL_CAP:
-        return None
-    return (
-        f"qubes.xml.000.enc is {xml.size} bytes, over the 1 MiB that qvm-backup-restore accepts from a qube: "
-        "this snapshot can only be restored from a local copy of the stream (docs/emergency-restore.md)"
-    )
-
-
 def expected_members(records: list[ShimRecord]) -> list[Member]:
     """The stream's members as the shim saw them: header plain, its .hmac and every chunk sealed."""
     header = next(r for r in records if r.path == shim.HEADER_PATH)
@@ -179,7 +167,7 @@ def backup_unit(
         "snapshot": snapshot_id,
         "stream_bytes": stream_bytes,
         "added_bytes": added if type(added) is int else None,
-        "warnings": [w for w in [qubes_xml_warning(stored)] if w],
+        "warnings": [f"{', '.join(entries)}: {w}" for w in [qubes.qubes_xml_too_big(chunks)] if w],
     }
 
 

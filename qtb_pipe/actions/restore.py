@@ -237,13 +237,8 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
             EXIT_USAGE,
         )
     chosen = opts.qubes or list(found.qubes)
-    xml = next(c for c in found.chunks if c["path"] == shim.QUBES_XML_PATH)
-    if xml["size"] + shim.TRAILER_SIZE > qubes.QUBES_XML_RETRIEVAL_CAP:  # it would fail, saying only
-        raise QtbError(  # "unexpected files in archive: got []" (docs/qubes-facts.md R8)
-            f"snapshot {snapshot_id}: its qubes.xml ({xml['size']} bytes) is over the 1 MiB that "
-            "qvm-backup-restore accepts from a qube: restore from a local copy of the stream "
-            "(docs/emergency-restore.md)"
-        )
+    if too_big := qubes.qubes_xml_too_big(found.chunks):  # it would fail, saying only "unexpected
+        raise QtbError(f"snapshot {snapshot_id}: {too_big}")  # files in archive: got []" (R8)
     host = qubes.list_qubes()
     broken = refuse_before_data(found.qubes, chosen, host, opts.flags)
     skip = ({"dom0"} if opts.flags.skip_dom0_home else set()) | (
@@ -278,11 +273,11 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
 
 
 def latest_copies(
-    cfg: Config, names: list[str], as_of: str | None, new_system: bool, quiet: bool
+    cfg: Config, names: list[str], as_of: str | None, new_system: bool, quiet: bool, skip: set[str]
 ) -> tuple[dict[str, Manifest], dict[str, tuple[list[str], QtbError]]]:
-    """Each qube's newest copy (made at or before `as_of`), as {snapshot: its verified manifest}:
-    from dom0's records, or on a new system from the repository, every manifest authenticated; and
-    {snapshot: (its chosen qubes, why)} for those whose manifest could not be had."""
+    """Each qube's newest copy (made at or before `as_of`; none of `skip`), as {snapshot: its verified
+    manifest}: from dom0's records, or on a new system from the repository, every manifest
+    authenticated; and {snapshot: (its chosen qubes, why)} for those whose manifest could not be had."""
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     secret = load_secret()
     newest: dict[str, tuple[str, str]] = {}  # qube -> (time, snapshot)
@@ -310,7 +305,7 @@ def latest_copies(
             f"no copy of {', '.join(unknown)} (qubes with copies: {', '.join(sorted(newest))})", EXIT_USAGE
         )
     groups: dict[str, list[str]] = {}
-    for qube in names or newest:
+    for qube in (q for q in names or newest if q not in skip):
         groups.setdefault(newest[qube][1], []).append(qube)
     manifests = {}
     for snapshot, chosen in groups.items():
@@ -340,13 +335,8 @@ def restore_order(manifests: dict[str, Manifest]) -> list[str]:
 def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_of: str | None) -> dict:
     """`restore --all` / `--qube NAME` and `verify` without a snapshot: one stock restore per snapshot
     that holds a chosen qube's newest copy. A qube whose copy fails is reported; the others go on."""
-    manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json)
-    if opts.flags.skip_dom0_home:  # dom0's home is its own snapshot: leave that one out
-        manifests = {
-            s: replace(m, qubes={n: q for n, q in m.qubes.items() if n != "dom0"})
-            for s, m in manifests.items()
-        }
-        manifests = {s: m for s, m in manifests.items() if m.qubes}
+    skip = {"dom0"} if opts.flags.skip_dom0_home else set()  # dom0's home: a snapshot of its own
+    manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json, skip)
     entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
     refuse_before_data(entries, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
     result: dict = {
