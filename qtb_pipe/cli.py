@@ -134,7 +134,8 @@ def print_check(result: dict) -> None:
 class Parser(argparse.ArgumentParser):
     """Argument errors in one line, exit 2 (argparse would print the whole usage first)."""
 
-    def error(self, message: str) -> NoReturn:  # --json: before the arguments are parsed, the word is enough
+    def error(self, message: str) -> NoReturn:  # before the arguments are parsed, the words are enough
+        ui.FORCED = "--progress" in sys.argv[1:]
         sys.exit(fail(f"{message} (see {self.prog} --help)", EXIT_USAGE, "--json" in sys.argv[1:]))
 
 
@@ -330,9 +331,12 @@ def run_hooked(args: argparse.Namespace) -> dict:
         result = args.func(args)
         run_hooks(hooks, "after", env)
         return result
-    except QtbError as e:
-        run_hooks(hooks, "on_error", {**env, "QTB_PIPE_ERROR": str(e), "QTB_PIPE_EXIT_CODE": str(e.code)})
-        if result is not None:  # only the after hook failed: the work is done, say so with the error
+    except (QtbError, OSError, KeyboardInterrupt) as e:  # the failures main() reports
+        interrupted = isinstance(e, KeyboardInterrupt)
+        code = getattr(e, "code", errors.EXIT_INTERRUPTED if interrupted else EXIT_FAILED)
+        why = {"QTB_PIPE_ERROR": str(e) or "interrupted", "QTB_PIPE_EXIT_CODE": str(code)}
+        run_hooks(hooks, "on_error", {**env, **why})
+        if result is not None and isinstance(e, QtbError):  # only the after hook failed: the work is done
             raise PartialFailure(str(e), e.code, result) from None
         raise
 
@@ -369,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except QtbError as e:
         return fail(str(e), e.code, args.json)
     except KeyboardInterrupt:
-        return fail("interrupted; nothing was committed", errors.EXIT_INTERRUPTED, args.json)
+        return fail(
+            "interrupted: what had not finished is not listed as complete", errors.EXIT_INTERRUPTED, args.json
+        )
     except OSError as e:  # a file dom0 must read or write: say which, and why
         where = f" {e.filename}" if e.filename else ""
         return fail(f"cannot use{where}: {e.strerror or e}", EXIT_FAILED, args.json)

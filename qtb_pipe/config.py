@@ -85,13 +85,16 @@ class Config:
         """The file, each setting under the comment SETTING_TYPES gives it; tables last. JSON's
         strings, lists, numbers and booleans are TOML's."""
         lines = ["# qtb-pipe dom0 configuration (see `qtb-pipe config check`)"]
+
+        def toml(v: object) -> str:  # raw UTF-8: TOML has no escapes for JSON's surrogate pairs
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # nor a raw DEL
+
         for name, (_, _, _, about) in SETTING_TYPES.items():
             value = getattr(self, name)
             if isinstance(value, dict):
-                table = [f"{k} = {json.dumps(v)}" for k, v in value.items()]
-                lines += ["", f"# {about}", f"[{name}]", *table]
+                lines += ["", f"# {about}", f"[{name}]", *(f"{k} = {toml(v)}" for k, v in value.items())]
             else:
-                lines += [f"# {about}", f"{name} = {json.dumps(value)}"]
+                lines += [f"# {about}", f"{name} = {toml(value)}"]
         return "\n".join(lines) + "\n"
 
 

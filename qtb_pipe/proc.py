@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -43,15 +44,14 @@ class Result:
 
 
 def _spawn(
-    argv: list[str], stdin: int, preexec: Callable[[], None] | None = None, env: dict | None = None
+    argv: list[str], stdin: int, preexec: Callable[[], None] | None = None, **popen
 ) -> subprocess.Popen:
-    """Every child dom0 starts: logged with -v; stdout and stderr are pipes."""
+    """Every child dom0 starts: logged with -v; stdout and stderr are pipes unless `popen` says."""
     if VERBOSE:
         print(f"qtb-pipe: + {shlex.join(argv)}", file=sys.stderr, flush=True)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     try:
-        return subprocess.Popen(
-            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec, env=env
-        )
+        return subprocess.Popen(argv, stdin=stdin, preexec_fn=preexec, **popen)
     except FileNotFoundError:
         raise QtbError(f"{argv[0]} not found: is this dom0 (or a qubes-sim world)?", EXIT_FAILED) from None
 
@@ -92,17 +92,26 @@ def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20
 
 
 def hook(command: str, env: dict[str, str], timeout: int) -> str | None:
-    """A hook of the user's config (`sh -c COMMAND`, in a session of its own so that a timeout stops
-    all of it); its output goes to stderr, as stdout is the result's. Returns why it failed, or None."""
-    child = _spawn(["/bin/sh", "-c", command], subprocess.DEVNULL, os.setsid, {**os.environ, **env})
-    try:
-        out, err = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        return f"still running after {timeout} s (hooks.timeout): stopped"
-    sys.stderr.write(printable((out + err).decode(errors="replace"), 20_000))
-    return f"exited with code {child.returncode}: {one_line(err)}" if child.returncode else None
+    """A hook of the user's config: `sh -c COMMAND` in a session of its own, its output on our stderr
+    (stdout is the result's), its stderr also kept for the reason; waited for, not its pipes, so a
+    child it leaves running does not hold the job. A timeout or Ctrl-C kills the whole session."""
+    with tempfile.TemporaryFile() as err:
+        sys.stderr.flush()
+        child = _spawn(["/bin/sh", "-c", command], subprocess.DEVNULL, None, stdout=2, stderr=err,
+                       start_new_session=True, env={**os.environ, **env})  # fmt: skip
+        try:
+            code = child.wait(timeout)
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            if not isinstance(e, subprocess.TimeoutExpired):
+                raise
+            return f"still running after {timeout} s (hooks.timeout): stopped"
+        err.seek(0)
+        said = err.read()[-MAX_ERROR_BYTES:]
+    sys.stderr.write(printable(said.decode(errors="replace"), 20_000))
+    return f"exited with code {code}: {one_line(said, 'no message')}" if code else None
 
 
 def _feed(pipe, data: bytes) -> None:
@@ -151,12 +160,14 @@ def stream(
     ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
     if stall_seconds or alive:
         watcher.start()
-    _drain(proc.stderr, err, on_chunk)
-    code = proc.wait()
-    reader.join()
-    ended.set()  # and no progress drawn once this returns
-    if watcher.is_alive():
-        watcher.join()
+    try:
+        _drain(proc.stderr, err, on_chunk)
+        code = proc.wait()
+        reader.join()
+    finally:
+        ended.set()  # no progress drawn and no stall check once this returns or raises
+        if watcher.is_alive():
+            watcher.join()
     if stalled.is_set():
         raise QtbError(f"{argv[0]} made no progress for {stall_seconds} s (stall_timeout) and was stopped")
     return Result(code, bytes(out), bytes(err))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -51,13 +52,15 @@ class Progress:
         self.enabled = not QUIET and (self.tty or FORCED)
         self.start, self.last_draw, self.finished = time.monotonic(), -1.0, False
 
-    def update(self, percent: float, done_bytes: int | None = None) -> None:
-        now = time.monotonic()
+    def update(self, percent: float, done_bytes: int | Callable[[], int] | None = None) -> None:
+        """`done_bytes`: a count, or what gives it (read only when a line is drawn)."""
+        now, percent = time.monotonic(), min(percent, 100.0)
         throttled = now - self.last_draw < (0.2 if self.tty else 1) and percent < 100
         if not self.enabled or throttled or self.finished:
             return
         self.last_draw, elapsed, self.finished = now, now - self.start, percent >= 100
         eta = round(elapsed * (100 - percent) / percent) if 0 < percent < 100 else None
+        done_bytes = done_bytes() if callable(done_bytes) else done_bytes
         rate = None if done_bytes is None else int(done_bytes / max(elapsed, 0.1))
         if self.as_json:
             line = {"message_type": "progress", "action": self.action, "qubes": self.qubes,

@@ -20,7 +20,9 @@ one per command: they are the contract, and the test suite validates every `--js
 against its command's schema (errors against `error.schema.json`), so they cannot drift from the code.
 
 Every command takes `--json` and then prints one JSON object on stdout (sorted keys, nothing else on
-stdout; notes and progress stay on stderr). Sizes are bytes, times ISO 8601 UTC, durations seconds.
+stdout; notes stay on stderr). With `--progress` as well (backup, restore, verify), stdout is JSON
+Lines: progress lines, then the result on one line (see the last section). Sizes are bytes, times
+ISO 8601 UTC, durations seconds.
 No key outside its table is ever there. "when" is `always`, or the case in which the key is there.
 """
 

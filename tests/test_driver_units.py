@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from qtb_pipe import qubes
+from qtb_pipe import proc, qubes
 from qtb_pipe.actions.backup import check_run
 from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order, unpacker_refusal
 from qtb_pipe.adapter import Adapter, Member
-from qtb_pipe.config import format_recovery_key, generate_secret, parse_recovery_key
+from qtb_pipe.config import (
+    Config,
+    config_path,
+    format_recovery_key,
+    generate_secret,
+    load_config,
+    parse_recovery_key,
+)
 from qtb_pipe.errors import EXIT_FAILED, QtbError
 from qtb_pipe.manifest import Manifest, QubeEntry
 from qtb_pipe.proc import Result
@@ -243,3 +253,45 @@ def test_unpacker_refusal_counts_only_the_drivers_own_location():
     forged = b"unable to read the qubes backup file " + loc.encode() + b" (17):"
     assert unpacker_refusal(line % (loc.encode(), b"22", forged), loc) is None
     assert unpacker_refusal(line % (b"qtb-adapter dump other --engine restic", b"17", b""), loc) is None
+
+
+def test_the_config_file_reads_back_as_written(tmp_path: Path, monkeypatch):
+    """Hooks are the user's shell: quotes, backslashes, control characters, any Unicode."""
+    monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
+    odd = ["notify-send \"backup failed 🔥\" '\\n'", "printf 'a\\tb\\x7f\\u2028 é' >&2", "tab\there\x7fdel"]
+    cfg = Config(include=["work"], exclude=["vault"], hooks={"on_error": odd, "timeout": 5})
+    config_path().parent.mkdir(parents=True)
+    config_path().write_text(cfg.to_toml())
+    assert load_config() == cfg
+
+
+def test_a_hook_is_waited_for_not_its_children_and_a_hung_one_is_stopped():
+    started = time.monotonic()
+    assert proc.hook("sleep 5 & exit 0", {}, 10) is None  # a child left running does not hold it
+    assert proc.hook("echo oops >&2; exit 4", {}, 5) == "exited with code 4: oops"
+    assert proc.hook("exit 4", {"X": "1"}, 5) == "exited with code 4: no message"
+    assert proc.hook('test "$X" = 1', {"X": "1"}, 5) is None
+    assert time.monotonic() - started < 4
+    assert proc.hook("sleep 30", {}, 1) == "still running after 1 s (hooks.timeout): stopped"
+    assert time.monotonic() - started < 8
+
+
+def test_on_error_hears_of_an_interrupt_and_of_a_failed_job(tmp_path: Path, monkeypatch):
+    from qtb_pipe.cli import run_hooked
+
+    monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
+    log = tmp_path / "log"
+    config_path().parent.mkdir(parents=True)
+    hook = f'echo "$QTB_PIPE_COMMAND $QTB_PIPE_EXIT_CODE $QTB_PIPE_ERROR" >> {log}'
+    config_path().write_text(Config(hooks={"on_error": [hook]}).to_toml())
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def failed(args):
+        raise QtbError("the backup qube said no", 6)
+
+    for func in (interrupted, failed):
+        with pytest.raises((KeyboardInterrupt, QtbError)):
+            run_hooked(argparse.Namespace(command="backup", func=func, dry_run=False))
+    assert log.read_text().splitlines() == ["backup 130 interrupted", "backup 6 the backup qube said no"]

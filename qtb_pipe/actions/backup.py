@@ -140,7 +140,7 @@ def backup_unit(
         location = adapter.store_location(run.run_id)
         res = qubes.qvm_backup(
             cfg.backup_qube, location, str(passphrase_file), list(entries),
-            lambda percent: progress.update(percent, run.streamed()), cfg.stall_timeout,
+            lambda percent: progress.update(percent, run.streamed), cfg.stall_timeout,
         )  # fmt: skip
         progress.done()
         if res.code != 0:
