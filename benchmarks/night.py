@@ -31,7 +31,7 @@ cfg = load_config(); cfg.engine = sys.argv[1]
 everything = qubes.list_qubes()
 names = select_qubes(cfg, everything, [], []).included
 unit = backup_unit(cfg, Adapter(cfg.backup_qube, cfg.engine), load_secret(), qube_entries(everything, names),
-                   dict.fromkeys(names), Progress("whole system", False))
+                   dict.fromkeys(names), Progress("backup", names, as_json=True))  # silent
 print(json.dumps({"snapshot": unit["snapshot"], "stream_bytes": unit["stream_bytes"]}))
 """
 

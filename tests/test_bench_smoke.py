@@ -55,6 +55,19 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
         small_own, small_whole = night["restore_small_own_copy"], night["restore_small_whole_system"]
         assert 0 < small_own["bytes_read"] < small_whole["bytes_read"], engine
     assert set(data["typical_night"]) == {"restic", "borg"}
+    from benchmarks.formats import POOLS
+
+    assert set(data["inner_formats"]) == set(POOLS)  # both inner formats, both engines, three steps
+    for engines in data["inner_formats"].values():
+        assert set(engines) == {"restic", "borg"}
+        for row in engines.values():
+            assert set(row) == {"full", "unchanged", "changed 2%"} and row["full"]["stream_bytes"] > 0
+    for engine, load in data["many_nights"].items():
+        assert load["engine"] == engine and len(load["nights"]) == 3
+    stress = data["shim_plan_stress"]
+    assert stress["chunks"] == 200 and stress["first_chunk_s"] > 0 and stress["last_chunk_s"] > 0
+    text = (out / "results.md").read_text()
+    assert "Inner formats" in text and "a restore plan of 200 chunks" in text
     assert "Per-byte speed" in (out / "results.md").read_text()
     assert (out / "results.md").stat().st_size > 0
     assert (out / "throughput.png").stat().st_size > 0 and (out / "repository-size.png").stat().st_size > 0
