@@ -334,8 +334,8 @@ def run_hooked(args: argparse.Namespace) -> dict:
     except (QtbError, OSError, KeyboardInterrupt) as e:  # the failures main() reports
         interrupted = isinstance(e, KeyboardInterrupt)
         code = getattr(e, "code", errors.EXIT_INTERRUPTED if interrupted else EXIT_FAILED)
-        why = {"QTB_PIPE_ERROR": str(e) or "interrupted", "QTB_PIPE_EXIT_CODE": str(code)}
-        run_hooks(hooks, "on_error", {**env, **why})
+        said = proc.printable(str(e) or "interrupted", 1000)  # as fail() shows it: no byte unbounded
+        run_hooks(hooks, "on_error", {**env, "QTB_PIPE_ERROR": said, "QTB_PIPE_EXIT_CODE": str(code)})
         if result is not None and isinstance(e, QtbError):  # only the after hook failed: the work is done
             raise PartialFailure(str(e), e.code, result) from None
         raise

@@ -289,9 +289,9 @@ def test_on_error_hears_of_an_interrupt_and_of_a_failed_job(tmp_path: Path, monk
         raise KeyboardInterrupt
 
     def failed(args):
-        raise QtbError("the backup qube said no", 6)
+        raise QtbError("the backup qube said \x00no\x1b[2J", 6)  # its words, made printable for hooks
 
     for func in (interrupted, failed):
         with pytest.raises((KeyboardInterrupt, QtbError)):
             run_hooked(argparse.Namespace(command="backup", func=func, dry_run=False))
-    assert log.read_text().splitlines() == ["backup 130 interrupted", "backup 6 the backup qube said no"]
+    assert log.read_text().splitlines() == ["backup 130 interrupted", "backup 6 the backup qube said ?no?[2J"]
