@@ -13,11 +13,11 @@ import ast
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 from scrypt_shim import shim as packaged
 
+from . import proc
 from .config import write_private
 from .errors import EXIT_SHIM, QtbError
 
@@ -77,16 +77,12 @@ def check_real_scrypt(candidate: Path) -> tuple[Path, str]:
         if packaged.SHIM_MARKER.encode() in binary.read(65536):
             raise ShimInstallError(f"{resolved} is a qtb-pipe shim, not the real scrypt")
     try:
-        done = subprocess.run(
-            [str(resolved), "--version"], capture_output=True, timeout=30, stdin=subprocess.DEVNULL
-        )
+        done = proc.run([str(resolved), "--version"])  # the one runner: -v shows it too
     except OSError as exc:
         raise ShimInstallError(f"real scrypt {resolved} does not run: {exc.strerror}") from None
     version = done.stdout.decode(errors="replace").strip()
-    if done.returncode != 0 or not version.startswith("scrypt "):
-        raise ShimInstallError(
-            f"real scrypt {resolved} --version failed (exit {done.returncode}): {version!r}"
-        )
+    if done.code != 0 or not version.startswith("scrypt "):
+        raise ShimInstallError(f"real scrypt {resolved} --version failed (exit {done.code}): {version!r}")
     return resolved, version
 
 

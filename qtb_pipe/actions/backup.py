@@ -61,7 +61,7 @@ def select_qubes(
 def expected_members(records: list[ShimRecord]) -> list[Member]:
     """The stream's members as the shim saw them: header plain, its .hmac and every chunk sealed."""
     header = next(r for r in records if r.path == shim.HEADER_PATH)
-    members = [Member("backup-header", header.size), Member("backup-header.hmac", header.size + TRAILER)]
+    members = [Member(shim.HEADER_PATH, header.size), Member(shim.HEADER_MEMBER, header.size + TRAILER)]
     members += [Member(r.path + ".enc", r.size + TRAILER) for r in records if r.path != shim.HEADER_PATH]
     return members
 
