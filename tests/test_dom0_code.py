@@ -16,7 +16,7 @@ DOM0_FILES = sorted(
 SHIM_BUDGET = 450
 # Issue 11's goal for the whole of dom0 is 2,000 lines; not met yet. This ceiling is where the code
 # stands (after the per-qube history, the restore confirmations, the stall watchdog, JSON errors
-# and the init and config checks). It went from 2,919 to 2,971 on 2026-12-06 for progress lines and
+# and the init and config checks). It went from 2,919 to 2,967 on 2026-12-06 for progress lines and
 # hooks (+~105, of which 51 were paid back by removing dead code and second copies); it may only
 # go down.
 DOM0_CEILING = 2967
