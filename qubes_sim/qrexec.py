@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import struct
 import subprocess
@@ -85,7 +86,17 @@ def start_service(
         env=env,
         cwd=env["HOME"],
         start_new_session=True,
+        preexec_fn=_another_machine,
     )
+
+
+def _another_machine() -> None:
+    """The service runs in another VM: dom0's process limits do not reach it. qtb-pipe bounds the
+    files qvm-backup-restore writes in dom0 with RLIMIT_FSIZE; here the service is a child of that
+    process, and without this borg (whose start-up self-test writes a hash index) failed with EFBIG
+    in the backup qube whenever the bound was small, which on Qubes cannot happen."""
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 
 
 def kill_service(proc: subprocess.Popen) -> None:
