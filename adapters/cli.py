@@ -33,6 +33,7 @@ from .commands import (
     cmd_prune,
     cmd_recovery_info,
     cmd_store,
+    cmd_version,
     parse_duration,
 )
 from .config import KEEP_KEYS, load_config
@@ -138,6 +139,12 @@ def build_parser() -> Parser:
         "recovery-info",
         parents=[common],
         help="what a new system needs to open the repository: location, engine password, borg's key",
+    )
+    sub.add_parser(
+        "version",
+        parents=[common],
+        help="this adapter's version and its engine's (the engine is found and checked, no repository "
+        "is opened)",
     )
     p = sub.add_parser(
         "ping",
@@ -281,6 +288,9 @@ def dispatch(args: argparse.Namespace) -> int:
         _emit(
             args, data, f"{data['engine']} repository {data['repository']}\npassword: {data['password']}{key}"
         )
+    elif args.command == "version":
+        data = cmd_version(session)
+        _emit(args, data, f"qtb-adapter {data['adapter']}, {data['engine']} {data['engine_version']}")
     elif args.command == "drop-pending":
         older = parse_duration(args.older_than) if args.older_than else None
         data = cmd_drop_pending(session, args.run, older, args.all)

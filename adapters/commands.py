@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import __version__
 from .base import (
     RUN_ID_RE,
     SNAPSHOT_ID_RE,
@@ -450,6 +451,19 @@ def cmd_check(session: Session, read_data: bool, subset: str | None) -> tuple[di
         "output": tail,
         "warnings": session.engine.space_warnings(),
     }, outcome.ok
+
+
+# -- version ----------------------------------------------------------------------------------
+def cmd_version(session: Session) -> dict[str, Any]:
+    """This adapter's version and its engine's (found and range-checked when the session opened),
+    for `qtb-pipe version`: no repository is opened."""
+    found = session.engine.version()
+    return {
+        "adapter": __version__,
+        "engine": found.engine,
+        "engine_version": str(found),
+        "engine_line": found.text,
+    }
 
 
 # -- recovery-info ------------------------------------------------------------------------------

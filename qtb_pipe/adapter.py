@@ -20,6 +20,8 @@ from .errors import EXIT_FAILED, EXIT_QUBE, EXIT_SNAPSHOT, QtbError
 SNAPSHOT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,80}")  # the adapter's own ids (docs/design.md)
 MEMBER_RE = re.compile(r"[A-Za-z0-9._/+-]{1,200}")
 TIME_RE = re.compile(r"[0-9T:.+ Z-]{1,40}")
+VERSION_RE = re.compile(r"[0-9A-Za-z.+-]{1,40}")
+PRINTABLE_LINE_RE = re.compile(r"[ -~]{1,200}")
 MAX_JSON = 8 * 1024 * 1024
 # Adapter exit codes (docs/adapters.md, Exit codes) → what the user should do.
 ADAPTER_EXIT = {
@@ -72,6 +74,18 @@ def _field(
     return value
 
 
+def malformed(command: str) -> QtbError:
+    return QtbError(f"backup qube sent malformed data for `qtb-adapter {command}`")
+
+
+def _objects(answer: dict, key: str, command: str) -> list[dict]:
+    """The list of JSON objects under `key` of a hostile answer."""
+    items = answer.get(key)
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise malformed(command)
+    return items
+
+
 @dataclass
 class Snapshot:
     id: str
@@ -106,7 +120,8 @@ class Adapter:
         self.qube, self.engine, self.command = qube, engine, command
 
     def _call(self, *args: str, input: bytes | None = None, limit: int = MAX_JSON) -> bytes:
-        res = qubes.run_in_qube(self.qube, [self.command, *args], input=input, stdout_limit=limit)
+        argv = [self.command, *args, "--engine", self.engine]
+        res = qubes.run_in_qube(self.qube, argv, input=input, stdout_limit=limit)
         if res.code != 0:
             if b"is not running" in res.stderr and res.code == 1 and not res.stdout:
                 raise QtbError(
@@ -116,12 +131,16 @@ class Adapter:
             raise QtbError(f"qtb-adapter {args[0]} in '{self.qube}' failed: {detail}", code)
         return res.stdout
 
-    def _json(self, *args: str, input: bytes | None = None) -> Any:
+    def _json(self, *args: str, input: bytes | None = None) -> dict:
+        """A JSON object answer, about this engine when it names one."""
         raw = self._call(*args, "--json", input=input)
         try:
-            return json.loads(raw)
+            data = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise QtbError(f"backup qube sent invalid JSON for `qtb-adapter {args[0]}`") from None
+        if not isinstance(data, dict) or data.get("engine", self.engine) != self.engine:
+            raise malformed(args[0])
+        return data
 
     def location(self, *args: str) -> str:
         """A location string for qvm-backup / qvm-backup-restore (eval'd by the qrexec service)."""
@@ -134,47 +153,30 @@ class Adapter:
         return self.location("dump", check_snapshot_id(snapshot_id))
 
     def snapshots(self) -> list[Snapshot]:
-        data = self._json("list", "--engine", self.engine)
-        items = data.get("snapshots") if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
         out = []
-        for item in items:
-            if not isinstance(item, dict):
-                raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
+        for item in _objects(self._json("list"), "snapshots", "list"):
             found = {key: _field(item, key, *spec) for key, spec in SNAPSHOT_FIELDS.items()}
             found["qubes"] = found["qubes"] or []
             if len(found["qubes"]) > 1000 or not all(
                 isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in found["qubes"]
             ):
-                raise QtbError("backup qube sent malformed data for `qtb-adapter list`")
+                raise malformed("list")
             out.append(Snapshot(**found))
         return out
 
     def pending_members(self, run_id: str) -> list[Member]:
-        data = self._json("pending", "--run", run_id, "--engine", self.engine)
-        if not isinstance(data, dict) or not isinstance(data.get("members"), list):
-            raise QtbError("backup qube sent malformed data for `qtb-adapter pending`")
-        members = []
-        for m in data["members"]:
-            if not isinstance(m, dict):
-                raise QtbError("backup qube sent malformed data for `qtb-adapter pending`")
-            members.append(Member(_field(m, "name", str, pattern=MEMBER_RE), _field(m, "size", int)))
-        return members
+        members = _objects(self._json("pending", "--run", run_id), "members", "pending")
+        return [Member(_field(m, "name", str, pattern=MEMBER_RE), _field(m, "size", int)) for m in members]
 
     def commit(self, run_id: str, sealed_manifest: bytes) -> dict:
-        data = self._json("commit", "--run", run_id, "--engine", self.engine, input=sealed_manifest)
-        if not isinstance(data, dict):
-            raise QtbError("backup qube sent malformed data for `qtb-adapter commit`")
+        data = self._json("commit", "--run", run_id, input=sealed_manifest)
         _field(data, "id", str, pattern=SNAPSHOT_ID_RE)
         return data
 
     def manifest(self, snapshot_id: str) -> bytes:
         """The sealed manifest of a complete snapshot (the adapter refuses unknown and pending ones)."""
         try:
-            return self._call(
-                "manifest", check_snapshot_id(snapshot_id), "--engine", self.engine, limit=MAX_MANIFEST_BYTES
-            )
+            return self._call("manifest", check_snapshot_id(snapshot_id), limit=MAX_MANIFEST_BYTES)
         except QtbError as e:
             if e.code != EXIT_SNAPSHOT:
                 raise
@@ -186,11 +188,11 @@ class Adapter:
     def ping(self, state: str, message: str = "") -> None:
         """The backup qube's [monitoring] ping_url (dom0 has no network); never fails a run."""
         with contextlib.suppress(QtbError):
-            self._call("ping", state, "--engine", self.engine, input=message.encode())  # bounded there
+            self._call("ping", state, input=message.encode())  # bounded there
 
     def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str], recorded: list[str]) -> Any:
         """Only snapshots dom0 recorded count as a protected qube's copies (ids on stdin: many)."""
-        args = ["prune", "--engine", self.engine, f"--protect={','.join(protect)}", "--recorded=-"]
+        args = ["prune", f"--protect={','.join(protect)}", "--recorded=-"]
         for key, value in retention.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         if dry_run:
@@ -198,17 +200,21 @@ class Adapter:
         return self._json(*args, input="".join(f"{i}\n" for i in recorded).encode())
 
     def check(self, read_data_subset: str | None = None) -> Any:
-        args = ["check", "--engine", self.engine]
+        args = ["check"]
         if read_data_subset:
             args += ["--read-data-subset", read_data_subset]
         return self._json(*args)
 
+    def version(self) -> dict[str, str]:
+        """The adapter's version and its engine's: short printable text that dom0 only shows."""
+        data = self._json("version")
+        fields = {"adapter": VERSION_RE, "engine_version": VERSION_RE, "engine_line": PRINTABLE_LINE_RE}
+        return {key: _field(data, key, str, pattern=pattern) for key, pattern in fields.items()}
+
     def recovery_info(self) -> dict[str, str | None]:
         """Where the repository is, its engine password and borg's key, for the recovery sheet:
         hostile text that dom0 only prints (bounded, printable, shell-quoted where it is a command)."""
-        data = self._json("recovery-info", "--engine", self.engine)
-        if not isinstance(data, dict) or data.get("engine") != self.engine:
-            raise QtbError("backup qube sent malformed data for `qtb-adapter recovery-info`")
+        data = self._json("recovery-info")
         out = {}
         for key, limit in (("version", 40), ("repository", 1000), ("password", 1000), ("key_export", 20000)):
             value = _field(data, key, str, optional=key == "key_export")

@@ -11,10 +11,13 @@ import sys
 import traceback
 from typing import NoReturn
 
+from scrypt_shim.shim import SHIM_VERSION
+
 from . import __version__, errors, proc, ui
 from .actions import manage, setup
 from .actions.backup import run_backup
 from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
+from .adapter import Adapter
 from .config import ENGINES, RETENTION_KEYS, load_config, root
 from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_SHIM, EXIT_USAGE, HINTS, PartialFailure, QtbError
 from .qubes import RestoreFlags
@@ -76,6 +79,28 @@ def print_shim_status(st: dict) -> None:
     print(f" (PATH from {st['qubesd_path_source']})")
     for problem in st["problems"]:
         print(f"problem: {problem}")
+
+
+def cmd_version(args: argparse.Namespace) -> dict:
+    """qtb-pipe's and the shim's versions, the shim's status and, asked in the backup qube, the
+    adapter's and its engine's versions (what was found stays in the answer when that fails)."""
+    status = shim_status(root())
+    result = {"qtb_pipe": __version__, "shim_version": SHIM_VERSION, "shim": status, "adapter": None}
+    try:
+        cfg = _config(args)
+        found = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).version()
+    except QtbError as e:
+        raise PartialFailure(str(e), e.code, result) from None
+    result["adapter"] = {"qube": cfg.backup_qube, "engine": cfg.engine, **found}
+    return result
+
+
+def print_version(result: dict) -> None:
+    print(f"qtb-pipe {result['qtb_pipe']}, scrypt shim {result['shim_version']}")
+    print_shim_status(result["shim"])
+    if found := result["adapter"]:
+        print(f"backup qube '{found['qube']}': qtb-adapter {found['adapter']}, {found['engine']} "
+              f"{found['engine_version']} ({found['engine_line']})")  # fmt: skip
 
 
 def _restore(args: argparse.Namespace, verify_only: bool) -> dict:
@@ -215,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         show=setup.print_recovery_kit,
     )
     s.add_argument("-o", "--output", metavar="FILE", help="write the sheet to FILE (mode 0600), not stdout")
+
+    add(
+        "version",
+        cmd_version,
+        "versions: qtb-pipe, the scrypt shim (is it active?), the backup qube's adapter and engine",
+        show=print_version,
+    )
 
     shim_commands = {  # name: (function of (root, prefix), help, printer)
         "install-shim": (install_shim, "install the shim next to the real scrypt", print_installed),

@@ -177,3 +177,19 @@ def shim_status(root: Path, prefix: str = DEFAULT_PREFIX) -> dict:
         "active": constants is not None and found == path,
         "problems": problems,
     }
+
+
+def require_shim(root: Path, for_restore: bool = False) -> None:
+    """Refuse (exit 7) unless the shim will run: a backup's `scrypt` is found on qubesd's PATH, a
+    restore's on this user's (qvm-backup-restore runs it)."""
+    status = shim_status(root)
+    if for_restore:
+        found = shutil.which("scrypt")
+        if status["installed"] and found and Path(found).resolve() == Path(status["shim"]).resolve():
+            return
+        why = f"qvm-backup-restore would run {found or 'no scrypt'}, not the qtb-pipe shim (check PATH)"
+    elif status["active"]:
+        return
+    else:
+        why = "the scrypt shim is not active: " + ("; ".join(status["problems"]) or "qubesd would not run it")
+    raise QtbError(f"{why} (run: qtb-pipe install-shim; see qtb-pipe shim-status)", EXIT_SHIM)

@@ -11,7 +11,7 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "docs/json"
 DOC = SCHEMAS.parent / "json.md"
 # The page's order; the file of each command is `docs/json/NAME.schema.json` (`config check`: config-check).
 ORDER = ("backup", "restore", "verify", "list", "prune", "check", "config-check", "init", "recovery-kit",
-         "install-shim", "uninstall-shim", "shim-status")  # fmt: skip
+         "install-shim", "uninstall-shim", "shim-status", "version")  # fmt: skip
 INTRO = """\
 # `qtb-pipe --json`: what each command prints
 
@@ -49,6 +49,10 @@ NAMES = {"bytes_or_null": "bytes or null", "lines": "list of lines", "snapshot_i
 def type_name(schema: dict, here: str) -> str:
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
+        if name.endswith(".schema.json"):  # another command's whole answer
+            return (
+                f"object, as in [{name.removesuffix('.schema.json')}](#{name.removesuffix('.schema.json')})"
+            )
         return NAMES.get(name, name.replace("_", " "))
     if "anyOf" in schema:
         return " or ".join(type_name(s, here) for s in schema["anyOf"])
@@ -79,10 +83,14 @@ def tables(schema: dict, here: str, path: str) -> list[str]:
         out.append(f"| `{key}` | {when} | {type_name(sub, here)} | {meaning} |")
         target, there = resolve(sub, here)
         below = f"{path}.{key}" if path else key
-        if isinstance(target.get("additionalProperties"), dict):
+        if "#" not in sub.get("$ref", "#"):  # another command's whole answer: in its own section
+            pass
+        elif isinstance(target.get("additionalProperties"), dict):
             inner += tables(target["additionalProperties"], there, f"{below}.NAME")
         elif isinstance(target.get("items"), dict):
             inner += tables(target["items"], there, f"{below}[]")
+        elif shape := next((s for s in (target, *target.get("anyOf", [])) if "properties" in s), None):
+            inner += tables(shape, there, below)  # an object inside (or one of its alternatives)
     return [*out, "", *inner]
 
 

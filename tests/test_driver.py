@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+import qtb_adapters
 from conftest_remote import rclone_rest_server, sshd_server
 from drivertools import (
     ALL,
@@ -27,6 +28,9 @@ from drivertools import (
     setup_qtb,
 )
 from simtools import FAST_ENV, Sim, make_world
+
+import qtb_pipe
+from scrypt_shim.shim import SHIM_VERSION
 
 __all__ = ["rclone_rest_server", "sshd_server"]  # fixtures, found by pytest here
 
@@ -589,3 +593,28 @@ def test_init_checks_the_backup_qube_and_a_second_init_keeps_the_secret(world: S
     assert 'engine = "borg"' in config.read_text() and 'exclude = ["personal"]' in config.read_text()
     proc = qtb(world, "init", "--backup-qube", "backup", "--recovery-key", first["recovery_key"], check=False)
     assert proc.returncode == 3 and b"--force" in proc.stderr  # replacing the secret needs --force
+
+
+def test_version_names_every_part_and_what_it_could_not_ask(backed_up, engine, fresh_world: Sim):
+    """12.4: the driver, the shim (and whether it is active) and, from the backup qube, the adapter
+    and its engine; unconfigured, the dom0 part still comes, with exit 3."""
+    found = qtb_json(backed_up.world, "version")
+    assert (found["qtb_pipe"], found["shim_version"]) == (qtb_pipe.__version__, SHIM_VERSION)
+    assert found["shim"]["active"] and found["shim"]["up_to_date"]
+    adapter = found["adapter"]
+    assert (adapter["qube"], adapter["engine"], adapter["adapter"]) == (
+        "backup",
+        engine,
+        qtb_adapters.__version__,
+    )
+    assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", adapter["engine_version"])
+    assert adapter["engine_version"] in adapter["engine_line"] and engine in adapter["engine_line"]
+    text = qtb(backed_up.world, "version").stdout.decode()
+    assert f"qtb-adapter {qtb_adapters.__version__}, {engine} {adapter['engine_version']}" in text
+    assert f"scrypt shim {SHIM_VERSION}" in text and "shim active" in text
+    proc = qtb(fresh_world, "version", "--json", check=False)  # never initialised
+    answer = json.loads(proc.stdout)
+    assert proc.returncode == 3 == answer["exit_code"] and answer["adapter"] is None
+    assert answer["shim"]["installed"] is False and answer["qtb_pipe"] == qtb_pipe.__version__
+    assert "qtb-pipe init" in proc.stderr.decode()
+    assert b"shim NOT active" in qtb(fresh_world, "version", check=False).stdout

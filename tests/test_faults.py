@@ -504,3 +504,17 @@ def test_hooks_run_around_the_jobs_and_a_failing_one_is_said(backed_up, engine, 
     assert "before hook 'exit 2' exited with code 2" in one_line_error(proc, 1)
     hooks(before="echo not a list")
     assert "hooks.before" in one_line_error(qtb(world, "check", check=False), 3)
+
+
+def test_without_the_shim_backup_and_restore_refuse_before_anything_runs(backed_up, engine):
+    """One owner decides "will the shim run?" (issue 11): qubesd's PATH for a backup, the user's for
+    qvm-backup-restore; either way exit 7 before a stock tool starts, nothing left pending."""
+    world = backed_up.world
+    qtb(world, "uninstall-shim")
+    text = one_line_error(qtb(world, "backup", "--full", "vault", check=False), 7)
+    assert "the scrypt shim is not active: no shim at" in text and "qtb-pipe install-shim" in text
+    text = one_line_error(qtb(world, "restore", "--qube", "vault", "--verify-only", check=False), 7)
+    assert "qvm-backup-restore would run" in text and "not the qtb-pipe shim" in text
+    assert not [s for s in qtb_json(world, "list")["snapshots"] if s["state"] != "complete"]
+    qtb(world, "install-shim")
+    qtb(world, "verify", backed_up.snapshots["vault"])

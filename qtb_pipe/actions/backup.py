@@ -213,10 +213,8 @@ def run_backup(
     dry_run: bool = False,
 ) -> dict:
     secret = load_secret()
-    status = shim_install.shim_status(root())
-    if not status["active"] and not dry_run:
-        problems = "; ".join(status["problems"]) or "qubesd would not run it"
-        raise QtbError(f"the scrypt shim is not active: {problems} (run: qtb-pipe install-shim)", EXIT_SHIM)
+    if not dry_run:
+        shim_install.require_shim(root())
     all_qubes = qubes.list_qubes()
     if cfg.backup_qube not in all_qubes:
         raise QtbError(f"backup qube '{cfg.backup_qube}' does not exist (config: backup_qube)", EXIT_QUBE)

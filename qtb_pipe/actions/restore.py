@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from scrypt_shim import shim
 
 from .. import manifest, proc, qubes, shim_install
 from ..adapter import Adapter, check_snapshot_id
 from ..config import Config, load_secret, root
-from ..errors import EXIT_FAILED, EXIT_SHIM, EXIT_SNAPSHOT, EXIT_USAGE, EXIT_VERIFY, PartialFailure, QtbError
+from ..errors import EXIT_FAILED, EXIT_SNAPSHOT, EXIT_USAGE, EXIT_VERIFY, PartialFailure, QtbError
 from ..manifest import Manifest, QubeEntry
 from ..qubes import RestoreFlags
 from ..records import catalog, load_records
@@ -210,23 +208,11 @@ def confirm_restored(stderr: bytes, names: list[str], host_before: dict, renamed
         raise QtbError(f"qvm-backup-restore exited 0 but did not create {', '.join(absent)}", EXIT_FAILED)
 
 
-def check_shim_on_path() -> None:
-    """qvm-backup-restore runs the `scrypt` first on the user's PATH: it must be the shim."""
-    status = shim_install.shim_status(root())
-    on_path = shutil.which("scrypt")
-    if not (status["installed"] and on_path and Path(on_path).resolve() == Path(status["shim"]).resolve()):
-        raise QtbError(
-            f"qvm-backup-restore would run {on_path or 'no scrypt'}, not the qtb-pipe shim at "
-            f"{status['shim']} (run: qtb-pipe install-shim; check PATH)",
-            EXIT_SHIM,
-        )
-
-
 def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None) -> dict:
     """One snapshot (its qubes, or those of opts.qubes); `found`: its manifest, if already verified."""
     check_snapshot_id(opts.snapshot)
     secret = load_secret()
-    check_shim_on_path()
+    shim_install.require_shim(root(), for_restore=True)
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     snapshot_id = resolve_snapshot_id(cfg.engine, opts.snapshot)
     found = found or fetch_manifest(adapter, snapshot_id, secret, opts.as_json, opts.new_system)
