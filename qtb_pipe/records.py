@@ -52,7 +52,13 @@ def load_records() -> dict[tuple[str, str], SnapshotRecord]:
     """Every record, keyed (engine, id). A damaged one stops the command (exit 3, named): silently
     skipping it would make its snapshot look unrecorded and its qubes' older copies the newest."""
     out: dict[tuple[str, str], SnapshotRecord] = {}
-    for path in sorted(records_dir().glob("*.json")):  # none yet: no folder, nothing globbed
+    try:  # not glob(): it reads a directory it cannot list as an empty one, i.e. as no records
+        paths = sorted(p for p in records_dir().iterdir() if p.suffix == ".json")
+    except FileNotFoundError:  # none yet
+        paths = []
+    except OSError as e:
+        raise QtbError(f"cannot read dom0's records in {records_dir()}: {e.strerror}", EXIT_CONFIG) from None
+    for path in paths:
         try:
             rec = SnapshotRecord(**json.loads(path.read_text()))
             if isinstance(rec.qubes, list):  # records of qtb-pipe 0.1 had no fingerprints

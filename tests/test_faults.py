@@ -518,3 +518,17 @@ def test_without_the_shim_backup_and_restore_refuse_before_anything_runs(backed_
     assert not [s for s in qtb_json(world, "list")["snapshots"] if s["state"] != "complete"]
     qtb(world, "install-shim")
     qtb(world, "verify", backed_up.snapshots["vault"])
+
+
+def test_records_that_cannot_be_read_stop_prune_and_list(backed_up, engine):
+    """A records directory dom0 cannot list is not "no records": prune would then protect no qube's
+    newest copy (only recorded snapshots count as copies) and forget nothing it should."""
+    world = backed_up.world
+    snapshots = world.dom0 / "var/lib/qtb-pipe/snapshots"
+    snapshots.rename(snapshots.with_name("saved"))
+    snapshots.write_text("not a directory\n")
+    for args in (("prune", "--keep-last", "0", "--keep-daily", "0"), ("list",), ("backup", "--dry-run")):
+        assert "cannot read dom0's records" in one_line_error(qtb(world, *args, check=False), 3)
+    snapshots.unlink()
+    snapshots.with_name("saved").rename(snapshots)
+    assert complete_ids(world) == set(backed_up.snapshots.values())  # nothing was removed
