@@ -1,4 +1,4 @@
-"""The one place dom0 runs programs. Every command line goes through `run` or `stream` (and is
+"""The one place dom0 runs programs. Every command line goes through `run` (or `hook`; each is
 logged with -v); output that comes from another qube is bounded, and error text is reduced to
 printable ASCII before it reaches the user's terminal."""
 
@@ -72,25 +72,6 @@ def _limits(file_bytes: int) -> Callable[[], None]:
     return apply
 
 
-def run(argv: list[str], input: bytes | None = None, stdout_limit: int = 1 << 20) -> Result:
-    """Run a command, reading at most stdout_limit bytes of its output (more is refused); its stderr
-    is drained to the end in a thread, so the child can never block on it."""
-    proc = _spawn(argv, subprocess.PIPE if input is not None else subprocess.DEVNULL)
-    err = bytearray()
-    reader = threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)
-    reader.start()
-    if input is not None:
-        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
-    out = proc.stdout.read(stdout_limit + 1)
-    if len(out) > stdout_limit:
-        proc.kill()
-        proc.wait()
-        raise QtbError(f"{argv[0]}: output larger than {stdout_limit} bytes, refused", EXIT_FAILED)
-    code = proc.wait()
-    reader.join()
-    return Result(code, out, bytes(err))
-
-
 def hook(command: str, env: dict[str, str], timeout: int) -> str | None:
     """A hook of the user's config: `sh -c COMMAND` in a session of its own, its output on our stderr
     (stdout is the result's), its stderr also kept for the reason; waited for, not its pipes, so a
@@ -122,23 +103,32 @@ def _feed(pipe, data: bytes) -> None:
         pass
 
 
-def stream(
+def run(
     argv: list[str],
+    input: bytes | None = None,
+    stdout_limit: int = 1 << 20,
     on_stderr: Callable[[bytes], None] | None = None,
     file_bytes: int | None = None,
     stall_seconds: int = 0,
     alive: Callable[[], object] | None = None,
 ) -> Result:
-    """A long-running stock tool (qvm-backup, qvm-backup-restore): stdout and the end of stderr kept,
-    each stderr chunk handed to `on_stderr` as it comes (progress). `file_bytes` caps every file the
-    tool and its children write (RLIMIT_FSIZE): restore's temporary files stay within the manifest.
-    `stall_seconds`: a tool that long silent on stderr, with `alive()` (a progress marker) unchanged,
-    is stopped (SIGINT, as Ctrl-C: qvm-backup then cancels the backup in qubesd, qvm-backup-restore
-    terminates its retrieval; SIGKILL a minute later), e.g. qubesd waiting forever on a qube."""
-    proc = _spawn(argv, subprocess.DEVNULL, _limits(file_bytes) if file_bytes else None)
+    """Run a command: at most `stdout_limit` bytes of stdout (more: killed and refused), the end of
+    stderr kept, each stderr chunk handed to `on_stderr` (progress). For the stock tools: `file_bytes`
+    caps every file they and their children write (RLIMIT_FSIZE: restore's temporary files stay
+    within the manifest); one silent on stderr for `stall_seconds`, with `alive()` (a progress
+    marker) unchanged, gets SIGINT as from Ctrl-C (qvm-backup then cancels in qubesd, e.g. when
+    qubesd waits forever on a qube), SIGKILL a minute later."""
+    stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+    proc = _spawn(argv, stdin, _limits(file_bytes) if file_bytes else None)
+    if input is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
     out, err = bytearray(), bytearray()
-    reader = threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True)
-    reader.start()
+
+    def read_stdout() -> None:
+        out.extend(proc.stdout.read(stdout_limit + 1))
+        if len(out) > stdout_limit:
+            proc.kill()  # what it started may hold the pipes open: not waited for (below)
+
     heard, stalled = [time.monotonic(), alive and alive()], threading.Event()
 
     def on_chunk(chunk: bytes) -> None:
@@ -157,17 +147,24 @@ def stream(
                     proc.wait(60)
                 proc.kill()
 
+    readers = [
+        threading.Thread(target=read_stdout),
+        threading.Thread(target=_drain, args=(proc.stderr, err, on_chunk)),
+    ]
     ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
-    if stall_seconds or alive:
-        watcher.start()
+    for thread in (*readers, watcher) if stall_seconds or alive else readers:
+        thread.daemon = True
+        thread.start()
     try:
-        _drain(proc.stderr, err, on_chunk)
         code = proc.wait()
-        reader.join()
+        for reader in readers if len(out) <= stdout_limit else ():
+            reader.join()
     finally:
         ended.set()  # no progress drawn and no stall check once this returns or raises
         if watcher.is_alive():
             watcher.join()
+    if len(out) > stdout_limit:
+        raise QtbError(f"{argv[0]}: output larger than {stdout_limit} bytes, refused", EXIT_FAILED)
     if stalled.is_set():
         raise QtbError(f"{argv[0]} made no progress for {stall_seconds} s (stall_timeout) and was stopped")
     return Result(code, bytes(out), bytes(err))

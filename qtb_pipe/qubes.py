@@ -94,7 +94,7 @@ def qvm_backup(
         location,
         *qubes,
     ]
-    return proc.stream(argv, progress, stall_seconds=stall_seconds)
+    return proc.run(argv, on_stderr=progress, stall_seconds=stall_seconds)
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ def qvm_backup_restore(
 ) -> proc.Result:
     """Stock qvm-backup-restore from the backup qube. --ignore-size-limit: its byte limit comes from
     qubes.xml's backup-size, which an uncompressed stream exceeds (facts §3); `file_bytes` bounds
-    every file dom0 writes instead; `alive`: the shim's accepted count (see proc.stream)."""
+    every file dom0 writes instead; `alive`: the shim's accepted count (see proc.run)."""
     argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
-    return proc.stream([*argv, *flags.argv(), location, *qubes], None, file_bytes, stall_seconds, alive)
+    argv += [*flags.argv(), location, *qubes]
+    return proc.run(argv, file_bytes=file_bytes, stall_seconds=stall_seconds, alive=alive)
