@@ -209,7 +209,8 @@ class Adapter:
         """The adapter's version and its engine's: short printable text that dom0 only shows."""
         data = self._json("version")
         fields = {"adapter": VERSION_RE, "engine_version": VERSION_RE, "engine_line": PRINTABLE_LINE_RE}
-        return {key: _field(data, key, str, pattern=pattern) for key, pattern in fields.items()}
+        found = {key: _field(data, key, str, pattern=pattern) for key, pattern in fields.items()}
+        return {"qube": self.qube, "engine": self.engine, **found}
 
     def recovery_info(self) -> dict[str, str | None]:
         """Where the repository is, its engine password and borg's key, for the recovery sheet:

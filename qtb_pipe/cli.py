@@ -88,10 +88,9 @@ def cmd_version(args: argparse.Namespace) -> dict:
     result = {"qtb_pipe": __version__, "shim_version": SHIM_VERSION, "shim": status, "adapter": None}
     try:
         cfg = _config(args)
-        found = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).version()
+        result["adapter"] = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).version()
     except QtbError as e:
         raise PartialFailure(str(e), e.code, result) from None
-    result["adapter"] = {"qube": cfg.backup_qube, "engine": cfg.engine, **found}
     return result
 
 

@@ -89,7 +89,9 @@ def tables(schema: dict, here: str, path: str) -> list[str]:
             inner += tables(target["additionalProperties"], there, f"{below}.NAME")
         elif isinstance(target.get("items"), dict):
             inner += tables(target["items"], there, f"{below}[]")
-        elif shape := next((s for s in (target, *target.get("anyOf", [])) if "properties" in s), None):
+        elif shape := next(
+            (s for s in (target, *target.get("anyOf", [])) if "properties" in resolve(s, there)[0]), None
+        ):
             inner += tables(shape, there, below)  # an object inside (or one of its alternatives)
     return [*out, "", *inner]
 

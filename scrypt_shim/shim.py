@@ -125,12 +125,6 @@ class TagHasher:
         return self._mac.digest()
 
 
-def compute_tag(chunk_key: bytes, path: str, data: bytes) -> bytes:
-    hasher = TagHasher(chunk_key, path)
-    hasher.update(data)
-    return hasher.finish()
-
-
 @dataclass(frozen=True)
 class Trailer:
     kcv: bytes

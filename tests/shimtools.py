@@ -50,6 +50,13 @@ class UnexpectedPrompt(Exception):
         self.result = result
 
 
+def compute_tag(chunk_key: bytes, path: str, data: bytes) -> bytes:
+    """A whole chunk's tag (the shim only ever computes it streaming, with TagHasher)."""
+    hasher = shim.TagHasher(chunk_key, path)
+    hasher.update(data)
+    return hasher.finish()
+
+
 def scrypt_operands(argv: Sequence[str]) -> list[str]:
     """The infile/outfile operands of a scrypt command line (argv[0] program, argv[1] enc|dec)."""
     operands: list[str] = []
@@ -299,7 +306,7 @@ def seal_chunk(secret: bytes, path: str, data: bytes) -> bytes:
     """Test oracle: what a qtb-pipe `enc` must write for `data` at `path` (docs/design.md), built
     from the format's parts, not by the shim's own enc."""
     keys = shim.derive_keys(secret)
-    return data + shim.make_trailer(keys, len(data), shim.compute_tag(keys.chunk_key, path, data))
+    return data + shim.make_trailer(keys, len(data), compute_tag(keys.chunk_key, path, data))
 
 
 def make_world(base: Path, real_scrypt: Path = REAL_SCRYPT) -> ShimWorld:

@@ -19,9 +19,11 @@ SHIM_BUDGET = 450
 # and the init and config checks). It went from 2,919 to 2,967 on 2026-12-06 for progress lines and
 # hooks (+~105, of which 51 were paid back by removing dead code and second copies), and to 2,994
 # on 2026-12-07 for `qtb-pipe version` (+44; 17 paid back: one check of the adapter's JSON objects,
-# one owner of "will the shim run?"), and to 3,000 the same day for refusing an unreadable records
-# directory (+6: it read as "no records", which prune would act on); it may only go down.
-DOM0_CEILING = 3000
+# one owner of "will the shim run?"), and to 3,005 the same day for refusing an unreadable records
+# directory (+6: it read as "no records", which prune would act on) and init asking the adapter
+# (+10; 5 paid back: the key check through restore's fetch_manifest, compute_tag out of the shim
+# into the tests, which alone used it); it may only go down.
+DOM0_CEILING = 3005
 
 
 def code_lines(path: Path) -> int:

@@ -71,7 +71,8 @@ def test_whole_system_restores_from_each_qubes_newest_copy_onto_a_fresh_system(
     assert proc.returncode == 5 and b"does not open snapshot" in proc.stderr
     assert not (fresh_world.dom0 / "etc/qtb-pipe/secret").exists()  # refused: nothing written
     done = qtb_json(fresh_world, "init", "--backup-qube", "backup", "--engine", engine, "--recovery-key", key)
-    assert done["key_checked_against"] == newest
+    assert done["key_checked_against"] == newest and done["warnings"] == []
+    assert (done["adapter"]["qube"], done["adapter"]["engine"]) == ("backup", engine)  # 12.1: it answers
     qtb(fresh_world, "install-shim")
     proc = qtb(fresh_world, "restore", "--all", check=False)
     assert proc.returncode == 4 and b"--new-system" in proc.stderr  # no dom0 record: explicit consent
@@ -577,9 +578,12 @@ def test_init_checks_the_backup_qube_and_a_second_init_keeps_the_secret(world: S
     assert not (world.dom0 / "etc/qtb-pipe").exists() or not any((world.dom0 / "etc/qtb-pipe").iterdir())
     # `sudo qtb-pipe init` (the README's step): the user whose timer runs the backups owns the secret
     # and dom0's state directory (records, run directories), which a non-root user could not create
-    first = json.loads(
-        qtb(world, "init", "--backup-qube", "backup", "--json", env={"SUDO_UID": "4321"}).stdout
-    )
+    done = qtb(world, "init", "--backup-qube", "backup", "--json", env={"SUDO_UID": "4321"})
+    first = json.loads(done.stdout)
+    # no qtb-adapter set up in the backup qube yet: said (12.1), not refused (dom0 may come first)
+    assert first["adapter"] is None and "qtb-adapter" in first["warnings"][0]
+    text = qtb(world, "init", "--backup-qube", "backup").stderr  # again, as text: the secret is kept
+    assert b"warning: " in text and b"README, step 1" in text
     state = world.dom0 / "var/lib/qtb-pipe"
     if os.geteuid() == 0:
         assert {(world.dom0 / "etc/qtb-pipe/secret").stat().st_uid, state.stat().st_uid} == {4321}

@@ -13,6 +13,7 @@ from shimtools import (
     PROMPT_ENTER,
     REAL_SCRYPT,
     ShimWorld,
+    compute_tag,
     converse,
     make_world,
     run_like_qubes,
@@ -44,7 +45,7 @@ def write_plan_for(world: ShimWorld, backup_id: str, files: dict[str, bytes]) ->
     """A restore plan holding `files` (path -> data, in stream order), as the driver writes it."""
     keys = shim.derive_keys(world.secret)
     chunks = [
-        {"path": path, "size": len(data), "tag": shim.compute_tag(keys.chunk_key, path, data).hex()}
+        {"path": path, "size": len(data), "tag": compute_tag(keys.chunk_key, path, data).hex()}
         for path, data in files.items()
     ]
     world.write_plan(backup_id, chunks)
@@ -84,7 +85,7 @@ def test_chunk_round_trip(world: ShimWorld, size: int) -> None:
         "path": path,
         "backup_id": BACKUP_ID,
         "size": size,
-        "tag": shim.compute_tag(shim.derive_keys(world.secret).chunk_key, path, data).hex(),
+        "tag": compute_tag(shim.derive_keys(world.secret).chunk_key, path, data).hex(),
         "status": "ok",
     }
 

@@ -6,13 +6,15 @@ import dataclasses
 import datetime
 import os
 import shlex
+import sys
 from pathlib import Path
 
-from .. import config, manifest, qubes, shim_install
+from .. import config, qubes, shim_install
 from ..adapter import Adapter
 from ..config import Config, config_path, load_config, load_secret, root, secret_path, write_private
 from ..errors import EXIT_CONFIG, EXIT_QUBE, EXIT_VERIFY, QtbError
 from .backup import plan_backup, planned, print_qubes, select_qubes
+from .restore import fetch_manifest
 
 RECOVERY_TEXT = """\
 Recovery key (shown once; keep it offline, e.g. on paper or in a password manager):
@@ -66,6 +68,10 @@ def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | Non
         old = load_config()
         old.backup_qube, old.engine = backup_qube, engine
         cfg = old
+    try:  # the README sets up the backup qube first; a dom0 set up first is told, not refused
+        adapter, warnings = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).version(), []
+    except QtbError as e:
+        adapter, warnings = None, [f"{e}: set qtb-adapter up there (README, step 1) before the first backup"]
     secret, checked = "", None
     if not keep_secret:
         secret = config.parse_recovery_key(recovery_key) if recovery_key else config.generate_secret()
@@ -83,6 +89,8 @@ def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | Non
         "secret_kept": keep_secret,
         "recovery_key": None if recovery_key or keep_secret else config.format_recovery_key(secret),
         "key_checked_against": checked,
+        "adapter": adapter,
+        "warnings": warnings,
     }
 
 
@@ -91,20 +99,18 @@ def key_opens_newest(cfg: Config, secret: str) -> str | None:
     returns that snapshot, None when nothing could be fetched (a repository not set up yet)."""
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     try:
-        complete = [s for s in adapter.snapshots() if s.state == "complete"]
-        newest = max(complete, key=lambda s: s.time).id if complete else None
-        sealed = adapter.manifest(newest) if newest else b""
-    except QtbError:
+        newest = max((s for s in adapter.snapshots() if s.state == "complete"), key=lambda s: s.time).id
+        fetch_manifest(adapter, newest, secret, True, True)  # and against dom0's record, if it has one
+    except ValueError:  # no complete snapshot
         return None
-    if newest:
-        try:
-            manifest.verify(bytes.fromhex(secret), sealed)
-        except QtbError as e:
-            raise QtbError(
-                f"the recovery key does not open snapshot {newest}, the newest in the {cfg.engine} "
-                f"repository ({e}): another system's key, or the manifest was tampered with; nothing written",
-                EXIT_VERIFY,
-            ) from None
+    except QtbError as e:
+        if e.code != EXIT_VERIFY:  # the backup qube did not answer: nothing to check against
+            return None
+        raise QtbError(
+            f"the recovery key does not open snapshot {newest}, the newest in the {cfg.engine} "
+            f"repository ({e}): another system's key, or the manifest was tampered with; nothing written",
+            EXIT_VERIFY,
+        ) from None
     return newest
 
 
@@ -177,6 +183,11 @@ def run_config_check() -> dict:
 
 
 def print_init(result: dict) -> None:
+    for warning in result["warnings"]:
+        print(f"qtb-pipe: warning: {warning}", file=sys.stderr)
+    if found := result["adapter"]:
+        print(f"backup qube '{found['qube']}' answers: qtb-adapter {found['adapter']}, {found['engine']} "
+              f"{found['engine_version']}")  # fmt: skip
     if result["secret_kept"]:
         print(f"wrote {result['config']}; kept the backup secret {result['secret']}")
     else:
