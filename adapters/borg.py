@@ -86,11 +86,15 @@ def _comment(data: dict[str, Any]) -> str:
 
 
 def _parse_comment(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    """borg create expands the placeholders of --comment; borg 1.2 import-tar keeps the text as
+    given, doubled braces and all (how every import-tar stream archive's comment reads)."""
+    for candidate in (text, text.replace("{{", "{").replace("}}", "}")):
+        try:
+            value = json.loads(candidate) if candidate else {}
+        except ValueError:
+            continue
+        return value if isinstance(value, dict) else {}
+    return {}
 
 
 class BorgEngine(Engine):
