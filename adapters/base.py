@@ -362,15 +362,18 @@ class Engine(ABC):
         )
         return FilterRun(finished, summary, None, None)
 
-    def run_through_pipe(self, argv: list[str], stream_fd: int) -> tuple[proc.Finished, StreamSummary]:
+    def run_through_pipe(
+        self, argv: list[str], stream_fd: int, *, split: bool = False
+    ) -> tuple[proc.Finished, StreamSummary]:
         """We filter the stream into the engine's stdin and close it only once the stream is valid.
 
         A bad stream: the engine (with its ssh) is killed before it ever sees end-of-file, so it
         cannot save anything. Meanwhile the filter withholds each member's last block, so an
         engine that parses tar (borg import-tar) fails even if we die without killing it.
+        `split`: large members go in as head/body/tail pieces (StreamFilter, borg import-tar).
         """
         child = proc.start(argv, env=self.env(), stdin=subprocess.PIPE)
-        stream_filter = StreamFilter(write_all_to(child.stdin_fd), normalise=self.normalise)
+        stream_filter = StreamFilter(write_all_to(child.stdin_fd), normalise=self.normalise, split=split)
         try:
             summary = stream_filter.run(io.FileIO(stream_fd, "rb", closefd=False))
         except StreamRejected as exc:

@@ -12,6 +12,13 @@ Two ways to put the stream in (`[borg] store_method`):
   sees end-of-file; and because the filter withholds every member's last block, a borg that sees
   end-of-file early (we were killed) sees a cut member and fails instead of saving.
   Restore: `borg export-tar` (GNU tar headers, which tar2qfile accepts).
+  Split (`[borg] split_members`, default true; archive comment method `import-tar-split`): every
+  member of at least 68 KiB goes in as three items, its first 4 KiB, its body and its last 56
+  bytes (tarstream.SPLIT_*): the inner tar header near a volume chunk's start (`GNUSparseFile.<pid>`)
+  and the shim trailer's tag at its end change every run, and each would otherwise cost the whole
+  ~1 MiB chunk around it. Restore joins the pieces back (tarjoin.Rejoin between export-tar and our
+  stdout). Archives without the marker (`import-tar`, made before splitting or with it off) dump
+  exactly as before.
 - `create`: the stream as one file, `borg create --content-from-command` running our filter
   (borg saves nothing when the command fails). Restore: `borg extract --stdout`.
 """
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -51,8 +60,11 @@ from .errors import (
     SnapshotNotFoundError,
     WrongPasswordError,
 )
+from .tarjoin import JoinError, Rejoin
+from .tarstream import write_all_to
 
 STORE_METHODS = ("import-tar", "create")
+SPLIT_METHOD = "import-tar-split"  # the recorded method of an import-tar archive of split members
 DEFAULT_CHUNKER_PARAMS = "buzhash,19,23,20,4095"  # ~1 MiB chunks: suits disk images (facts section 6)
 DEFAULT_COMPRESSION = "lz4"
 STREAM_PREFIX = "qtb-s-"
@@ -145,6 +157,12 @@ class BorgEngine(Engine):
             raise RepositoryMissingError(f"[borg] store_method must be one of {', '.join(STORE_METHODS)}")
         return method
 
+    def split_members(self) -> bool:
+        value = self.settings.get("split_members", True)
+        if not isinstance(value, bool):
+            raise RepositoryMissingError("[borg] split_members must be true or false")
+        return value
+
     # -- errors -------------------------------------------------------------------------------
     def classify(self, finished: proc.Finished, action: str) -> Exception:
         msgids: set[str] = set()
@@ -229,10 +247,13 @@ class BorgEngine(Engine):
 
     def store(self, run: str, stream_fd: int, scratch: Path) -> StoreOutcome:
         method = self.store_method()
+        split = method == "import-tar" and self.split_members()
+        if split:
+            method = SPLIT_METHOD
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{STREAM_PREFIX}{stamp}-{run}"
         comment = _comment({"qtb": "stream", "run": run, "method": method})
-        if method == "import-tar":
+        if method != "create":
             argv = self.borg(
                 "import-tar",
                 *self._archive_args(),
@@ -242,7 +263,7 @@ class BorgEngine(Engine):
                 f"{self.repo}::{name}",
                 "-",
             )
-            finished, summary = self.run_through_pipe(argv, stream_fd)
+            finished, summary = self.run_through_pipe(argv, stream_fd, split=split)
             if finished.returncode not in (0, 1):
                 raise self.classify(finished, "store")
         else:
@@ -379,7 +400,45 @@ class BorgEngine(Engine):
             argv = self.borg("extract", "--stdout", f"{self.repo}::{snapshot.id}", STREAM_FILENAME)
         else:
             argv = self.borg("export-tar", f"{self.repo}::{snapshot.id}", "-")
-        return proc.run(argv, env=self.env(), stdout=out_fd)
+        if snapshot.method != SPLIT_METHOD:
+            return proc.run(argv, env=self.env(), stdout=out_fd)
+        return self._dump_joined(snapshot, argv, out_fd)
+
+    def _dump_joined(self, snapshot: RepoSnapshot, argv: list[str], out_fd: int) -> proc.Finished:
+        """export-tar into a pipe, its split members joined on the way to `out_fd`.
+
+        The reader of `out_fd` going away (tar2qfile has what it wants) ends the join; closing our
+        end of borg's pipe then ends borg with EPIPE, and `dump` takes that as the normal end. A
+        stream that is not what a split archive gives back is an engine error."""
+        read_fd, write_fd = os.pipe()
+        try:
+            child = proc.start(argv, env=self.env(), stdout=write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        problem: str | None = None
+        source = io.FileIO(read_fd, "rb", closefd=True)
+        try:
+            Rejoin(write_all_to(out_fd)).run(source)
+        except BrokenPipeError:
+            pass
+        except JoinError as exc:
+            problem = str(exc)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        finally:
+            source.close()  # borg, if still writing, gets EPIPE
+        finished = child.wait()
+        if problem is None:
+            return finished
+        broken_pipe = "broken pipe" in finished.stderr_text.lower()
+        if not finished.ok and finished.killed_by is None and not broken_pipe:
+            return finished  # borg failed first: its error says why the stream was cut
+        raise EngineError(f"the split stream archive {snapshot.id} does not join back: {problem}")
 
     def read_manifest(self, snapshot: RepoSnapshot) -> bytes:
         assert snapshot.commit is not None

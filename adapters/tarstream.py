@@ -12,7 +12,12 @@ headers (checksum, magic, type, size), passes member data through untouched, and
   Names, sizes, types and data are kept exactly; checksums are recomputed;
 - withholds the final 512-byte block of the latest member and the zero blocks after it until the
   whole stream has been validated. An engine that sees end-of-file early (because we died or were
-  killed) therefore always sees a member cut short, never a clean-looking end.
+  killed) therefore always sees a member cut short, never a clean-looking end;
+- with `split=True` (borg import-tar), feeds each large member to the engine as three consecutive
+  members, head / body / tail (`split_names`), so that the per-run bytes near its start (the inner
+  tar's `GNUSparseFile.<pid>` name) and its end (the shim trailer's tag) each cost the engine one
+  small item instead of a ~1 MiB chunk. The member list still has the original names and sizes;
+  `adapters/tarjoin.py` rejoins the pieces at restore time.
 
 Run as `python -m qtb_adapters.tarstream --input-fd N --report FILE` it is the command an engine
 runs itself (restic --stdin-from-command, borg create --content-from-command): stream in on fd N,
@@ -32,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
+from scrypt_shim.shim import TRAILER_SIZE  # the one definition of the member format
+
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 READ_BUFFER_BYTES = 1 << 20  # multiple of BLOCK; one buffer for the whole run
@@ -45,6 +52,18 @@ EXTENSION_TYPES = (b"x", b"g", b"L", b"K")
 # pax records that only carry the time of the run; everything else is kept.
 VOLATILE_PAX_KEYS = frozenset({b"atime", b"ctime", b"mtime"})
 _PAX_PID_DIR = re.compile(rb"PaxHeaders\.\d+")  # tar < 1.32 put the writer's pid in pax names
+
+# Splitting (split=True): a regular member of at least SPLIT_MIN_BYTES goes to the engine as its
+# first SPLIT_HEAD_BYTES, its body and its last SPLIT_TAIL_BYTES (the shim trailer), named
+# <name>.qtb-head/-body/-tail. Qubes member names end in .enc or .hmac or are backup-header, and a
+# stream holding such a name is refused while splitting, so the derived names collide with nothing.
+SPLIT_HEAD_BYTES = 4096  # holds the inner tar header (its GNUSparseFile.<pid> name and checksum)
+SPLIT_TAIL_BYTES = TRAILER_SIZE  # magic, key check value, length, HMAC tag
+SPLIT_MIN_BODY_BYTES = 64 * 1024
+SPLIT_MIN_BYTES = SPLIT_HEAD_BYTES + SPLIT_MIN_BODY_BYTES + SPLIT_TAIL_BYTES
+SPLIT_SUFFIXES = (".qtb-head", ".qtb-body", ".qtb-tail")
+USTAR_NAME_BYTES = 100
+MAX_USTAR_SIZE = 8**11 - 1  # 11 octal digits; larger members are not split
 
 EXIT_BAD_STREAM = 7
 EXIT_OTHER = 1
@@ -136,6 +155,31 @@ def encode_pax_records(records: list[tuple[bytes, bytes]]) -> bytes:
     return bytes(out)
 
 
+def split_names(name: bytes) -> tuple[bytes, bytes, bytes]:
+    """The names of a split member's head, body and tail pieces."""
+    return tuple(name + suffix.encode() for suffix in SPLIT_SUFFIXES)  # type: ignore[return-value]
+
+
+def is_split_name(name: bytes) -> bool:
+    return name.endswith(tuple(suffix.encode() for suffix in SPLIT_SUFFIXES))
+
+
+def piece_header(template: bytes, name: bytes, size: int) -> bytes:
+    """A plain ustar header like `template` (mode, owner, time, magic) with another name and size."""
+    block = bytearray(template)
+    block[0:USTAR_NAME_BYTES] = name.ljust(USTAR_NAME_BYTES, b"\0")
+    block[124:136] = b"%011o\0" % size
+    if block[257:263] == b"ustar\0":
+        block[345:500] = bytes(155)  # no prefix: the name is whole
+    _set_checksum(block)
+    return bytes(block)
+
+
+def _splittable(name: bytes, size: int) -> bool:
+    longest = len(name) + max(len(suffix) for suffix in SPLIT_SUFFIXES)
+    return SPLIT_MIN_BYTES <= size <= MAX_USTAR_SIZE and longest <= USTAR_NAME_BYTES and name.isascii()
+
+
 def _normalised_ustar(header: bytes) -> bytes:
     block = bytearray(header)
     block[136:148] = b"00000000000\0"  # mtime: the run's time, not data
@@ -159,6 +203,20 @@ def _normalised_pax(header: bytes, records: list[tuple[bytes, bytes]]) -> bytes:
 
 
 @dataclass
+class _Split:
+    """The member being split: where its data goes (offsets count its data bytes forwarded)."""
+
+    template: bytes  # its ustar header, normalised: the pieces' headers are made from it
+    names: tuple[bytes, bytes, bytes]
+    size: int
+    offset: int = 0
+
+    @property
+    def body_size(self) -> int:
+        return self.size - SPLIT_HEAD_BYTES - SPLIT_TAIL_BYTES
+
+
+@dataclass
 class _Extension:
     typeflag: bytes
     header: bytes
@@ -168,9 +226,12 @@ class _Extension:
 class StreamFilter:
     """Validate (and normalise) a v4-like stream from a raw file into `write`."""
 
-    def __init__(self, write: Callable[[bytes | memoryview], None], *, normalise: bool = True) -> None:
+    def __init__(
+        self, write: Callable[[bytes | memoryview], None], *, normalise: bool = True, split: bool = False
+    ) -> None:
         self._write = write
         self.normalise = normalise
+        self.split = split
         self.summary = StreamSummary()
         self._in_data = False
         self._data_left = 0  # padded data bytes of the current member still to come
@@ -179,6 +240,8 @@ class StreamFilter:
         self._ext_data = bytearray()
         self._extensions: list[_Extension] = []  # collected for the next member header
         self._held = bytearray()  # final block of the latest member, withheld until validated
+        self._hold = BLOCK  # how many of the latest member's last data bytes (with padding) to withhold
+        self._split: _Split | None = None  # the latest member, when it is split (its tail is withheld)
         self._zero_blocks = 0  # zero blocks after the latest member, withheld (only counted)
         self._entries = 0  # member headers seen (regular files and directories)
 
@@ -189,7 +252,12 @@ class StreamFilter:
             self.summary.output_bytes += len(data)
 
     def _release_held(self) -> None:
-        self._emit(bytes(self._held))
+        if self._split is not None:  # the held bytes are the tail piece's data and padding
+            tail = bytes(self._held[:SPLIT_TAIL_BYTES])
+            self._emit(tail + bytes(_padded(len(tail)) - len(tail)))
+            self._split = None
+        else:
+            self._emit(bytes(self._held))
         self._held = bytearray()
         while self._zero_blocks:
             count = min(self._zero_blocks, 128)
@@ -222,10 +290,10 @@ class StreamFilter:
         while pos < end:
             avail = end - pos
             if self._in_data:
-                forward = self._data_left - BLOCK  # everything but the member's final block
+                forward = self._data_left - self._hold  # everything but the member's final block
                 if forward > 0:
                     count = min(forward, avail)
-                    self._emit(view[pos : pos + count])
+                    self._forward(view[pos : pos + count])
                 else:
                     count = min(self._data_left, avail)
                     self._held += view[pos : pos + count]
@@ -245,6 +313,26 @@ class StreamFilter:
                 self._header_block(view[pos : pos + BLOCK])
                 pos += BLOCK
         return pos
+
+    def _forward(self, data: memoryview) -> None:
+        """Member data that is not withheld; for a split member, with the pieces' headers between."""
+        split = self._split
+        if split is None:
+            self._emit(data)
+            return
+        if split.offset < SPLIT_HEAD_BYTES:
+            head = data[: SPLIT_HEAD_BYTES - split.offset]
+            self._emit(head)
+            split.offset += len(head)
+            data = data[len(head) :]
+            if split.offset == SPLIT_HEAD_BYTES:  # the head is complete: the body's header at once
+                padding = bytes(_padded(SPLIT_HEAD_BYTES) - SPLIT_HEAD_BYTES)
+                self._emit(padding + piece_header(split.template, split.names[1], split.body_size))
+        self._emit(data)
+        split.offset += len(data)
+        if split.offset == split.size - SPLIT_TAIL_BYTES:  # the body is complete: the tail's header
+            padding = bytes(_padded(split.body_size) - split.body_size)
+            self._emit(padding + piece_header(split.template, split.names[2], SPLIT_TAIL_BYTES))
 
     def _header_block(self, block: memoryview) -> None:
         if block == ZERO_BLOCK:
@@ -312,6 +400,8 @@ class StreamFilter:
         self._extensions = []
         self._entries += 1
         ustar = _normalised_ustar(header) if self.normalise else header
+        if self.split and is_split_name(name):
+            raise StreamRejected(f"member name {name!r} ends in a suffix reserved for split members")
         if typeflag == REGULAR_TYPE:
             if len(self.summary.members) >= MAX_MEMBERS:
                 raise StreamRejected(f"more than {MAX_MEMBERS} members")
@@ -319,7 +409,16 @@ class StreamFilter:
         # The previous member is complete and another one follows: what was withheld can go.
         self._release_held()
         data_bytes = _padded(size)
-        if data_bytes:
+        self._hold = BLOCK
+        if self.split and typeflag == REGULAR_TYPE and _splittable(name, size):
+            # Its extended headers (path, size, times) are not needed: the pieces' names and sizes
+            # fit plain ustar headers. Only the tail piece's data is withheld.
+            self._split = _Split(ustar, split_names(name), size)
+            self._emit(piece_header(ustar, self._split.names[0], SPLIT_HEAD_BYTES))
+            self._in_data = True
+            self._data_left = data_bytes
+            self._hold = data_bytes - (size - SPLIT_TAIL_BYTES)
+        elif data_bytes:
             self._emit(b"".join(pieces) + ustar)
             self._in_data = True
             self._data_left = data_bytes
