@@ -13,12 +13,12 @@ Two ways to put the stream in (`[borg] store_method`):
   end-of-file early (we were killed) sees a cut member and fails instead of saving.
   Restore: `borg export-tar` (GNU tar headers, which tar2qfile accepts).
   Split (`[borg] split_members`, default true; archive comment method `import-tar-split`): every
-  member of at least 68 KiB goes in as three items, its first 4 KiB, its body and its last 56
-  bytes (tarstream.SPLIT_*): the inner tar header near a volume chunk's start (`GNUSparseFile.<pid>`)
-  and the shim trailer's tag at its end change every run, and each would otherwise cost the whole
-  ~1 MiB chunk around it. Restore joins the pieces back (tarjoin.Rejoin between export-tar and our
-  stdout). Archives without the marker (`import-tar`, made before splitting or with it off) dump
-  exactly as before.
+  member of at least 4 KiB + 64 KiB + 56 bytes goes in as three items, its first 4 KiB, its body
+  and its last 56 bytes (tarstream.SPLIT_*): the inner tar header near a volume chunk's start
+  (`GNUSparseFile.<pid>`) and the shim trailer's tag at its end change every run, and each would
+  otherwise cost the whole ~1 MiB chunk around it. Restore joins the pieces back (tarjoin.Rejoin
+  between export-tar and our stdout). Archives without the marker (`import-tar`, made before
+  splitting or with it off) dump exactly as before.
 - `create`: the stream as one file, `borg create --content-from-command` running our filter
   (borg saves nothing when the command fails). Restore: `borg extract --stdout`.
 """
