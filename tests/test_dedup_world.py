@@ -5,10 +5,12 @@ unchanged qubes would be skipped): new backup-id, new tar timestamps, fresh pax 
 qvm-backup per qube. Each of those units starts with its own new `backup-header` and `qubes.xml`:
 restic keeps a unit's stream in one file, so that costs restic the unit's first content-defined
 chunk (0.5-8 MiB before compression, ~1 MiB typical; docs/adapters.md "Measured"), a fixed cost
-per unit, not per byte. borg's import-tar chunks each member on its own and pays only kilobytes,
-except where the inner format itself changes: qubes.tarwriter (LVM thin, the default install) puts
-its pid into each volume's first header, which costs borg that member's first chunk, once per
-volume (benchmarks/results/2026-12-02, "Inner formats"). Both formats are checked."""
+per unit, not per byte. borg's import-tar chunks each member on its own and pays only kilobytes.
+qubes.tarwriter (LVM thin, the default install) puts its pid into each volume's first header, and
+every member's shim tag (its last 32 bytes) changes with it; unsplit, that cost borg the first and
+the last chunk of such members every run (benchmarks/results/2026-12-02, "Inner formats"). Split
+members (docs/adapters.md "borg: split members", the default) keep both in small items of their
+own: a few kB per volume. Both formats are checked."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from simtools import make_world
 
 PERCENT_OF_STREAM = {"restic": 0.1, "borg": 0.1}
 PER_UNIT_BYTES = {"restic": 2 * 2**20, "borg": 64 * 2**10}  # the fixed cost of one qvm-backup
-PER_TARWRITER_VOLUME_BYTES = {"restic": 0, "borg": 2 * 2**20}  # the pid in its first header: a chunk
+PER_TARWRITER_VOLUME_BYTES = {"restic": 0, "borg": 16 * 2**10}  # the pid in its first header: 4 KiB
 POOLS = {"lvm": "vm-pool", "file": "varlibqubes"}
 
 
