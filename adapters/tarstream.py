@@ -290,7 +290,7 @@ class StreamFilter:
         while pos < end:
             avail = end - pos
             if self._in_data:
-                forward = self._data_left - self._hold  # everything but the member's final block
+                forward = self._data_left - self._hold  # all but its final block (a split one's tail)
                 if forward > 0:
                     count = min(forward, avail)
                     self._forward(view[pos : pos + count])
@@ -401,7 +401,8 @@ class StreamFilter:
         self._entries += 1
         ustar = _normalised_ustar(header) if self.normalise else header
         if self.split and is_split_name(name):
-            raise StreamRejected(f"member name {name!r} ends in a suffix reserved for split members")
+            shown = name.decode("utf-8", errors="replace")
+            raise StreamRejected(f"member name {shown!r} ends in a suffix reserved for split members")
         if typeflag == REGULAR_TYPE:
             if len(self.summary.members) >= MAX_MEMBERS:
                 raise StreamRejected(f"more than {MAX_MEMBERS} members")

@@ -259,3 +259,33 @@ def test_a_rerun_with_per_run_bytes_at_both_ends_of_members_stores_little(tmp_pa
     assert growth[False] > members * 512 * 1024
     assert growth[True] < members * 64 * 1024
     assert growth[True] < 0.05 * growth[False]
+
+
+def test_a_split_archive_that_does_not_join_back_fails_its_dump(tmp_path: Path) -> None:
+    """A lone head piece in an archive marked split (made here by hand: unsplit store of such a
+    name, then the marker put in with borg recreate): dump fails with exit 1, not a quiet cut."""
+
+    class WithLoneHead(V4Backup):
+        def members(self) -> list[tuple[str, bytes]]:
+            members = super().members()
+            return [*members[:3], ("vm1/private.img.000.enc.qtb-head", bytes(4096)), *members[3:]]
+
+    plain = make_backup(8, volumes={"vm1/private.img": 200_000})
+    backup = WithLoneHead(plain.backup_id, plain.qubes, plain.chunks)
+    stream = write_stream(backup, tmp_path / "s", tmp_path / "w")
+    home = AdapterHome(tmp_path / "qube")
+    repo = tmp_path / "repo"
+    home.init("borg", str(repo), "split_members=false")
+    stored = store_commit(home, backup, stream.path)
+    env = {**home.env, "BORG_PASSPHRASE": ENGINE_PASSWORD}
+    comment = json.dumps({"method": "import-tar-split", "qtb": "stream", "run": stored["run"]})
+    subprocess.run(
+        ["borg", "recreate", "--comment", comment.replace("{", "{{").replace("}", "}}"),
+         f"{repo}::{stored['id']}"], env=env, capture_output=True, check=True,
+    )  # fmt: skip
+    (home.home / ".local/state/qtb-pipe/complete/borg.json").unlink()  # it cached the old method
+    assert home.ok("list", "--json").json()["snapshots"][0]["id"] == stored["id"]
+    failed = home.run("dump", stored["id"])
+    assert failed.returncode == 1, failed.stderr
+    [line] = failed.stderr.strip().splitlines()
+    assert "does not join back" in line and "lacks its body" in line
