@@ -212,6 +212,24 @@ def test_borg_round_trip_of_split_and_unsplit_archives(split_stream, tmp_path: P
         assert reader.wait(timeout=60) == 0
         assert reader.stderr.read() == b""
     assert {s["id"] for s in home.snapshots()} == {old["id"], new["id"]}
+    # docs/emergency-restore.md's join, as written there: borg export-tar, no qtb-adapter
+    env = {**home.env, "BORG_PASSPHRASE": ENGINE_PASSWORD}
+    exported = subprocess.run(
+        ["borg", "export-tar", f"{repo}::{new['id']}", "-"], env=env, capture_output=True, check=True
+    ).stdout
+    rescued = tmp_path / "rescued"
+    rescued.write_bytes(subprocess.run(["python3", "-c", emergency_join_script()], input=exported,
+                                       capture_output=True, check=True).stdout)  # fmt: skip
+    assert members_by_tar(rescued, tmp_path / "rescue") == expected_members(backup)
+    assert tar2qfile_like_names(rescued) == [name for name, _ in backup.members()]
+
+
+def emergency_join_script() -> str:
+    """The Python that docs/emergency-restore.md pipes `borg export-tar` of a split archive into."""
+    text = (Path(__file__).parent.parent / "docs/emergency-restore.md").read_text()
+    opening = "borg export-tar REPO::qtb-s-… - | python3 -c '\n"
+    start = text.index(opening) + len(opening)
+    return text[start : text.index("\n' > qubes-backup.stream", start)]
 
 
 def _perturbed(backup: V4Backup, run: int) -> V4Backup:
