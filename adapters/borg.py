@@ -420,9 +420,10 @@ class BorgEngine(Engine):
             os.close(write_fd)
         problem: str | None = None
         source = io.FileIO(read_fd, "rb", closefd=True)
+        joiner = Rejoin(write_all_to(out_fd))
         try:
-            Rejoin(write_all_to(out_fd)).run(source)
-        except BrokenPipeError:
+            joiner.run(source)
+        except BrokenPipeError:  # our reader went away: borg's EPIPE that follows is the normal end
             pass
         except JoinError as exc:
             problem = str(exc)
@@ -435,9 +436,8 @@ class BorgEngine(Engine):
         finished = child.wait()
         if problem is None:
             return finished
-        broken_pipe = "broken pipe" in finished.stderr_text.lower()
-        if not finished.ok and finished.killed_by is None and not broken_pipe:
-            return finished  # borg failed first: its error says why the stream was cut
+        if joiner.at_eof and not finished.ok:  # borg failed first (ssh lost, killed): it says why
+            raise self.classify(finished, "dump")  # (raised: its "Broken pipe" is not a reader gone)
         raise EngineError(f"the split stream archive {snapshot.id} does not join back: {problem}")
 
     def read_manifest(self, snapshot: RepoSnapshot) -> bytes:

@@ -24,7 +24,6 @@ from .tarstream import (
     EXTENSION_TYPES,
     MAX_EXTENDED_HEADER_BYTES,
     MAX_USTAR_SIZE,
-    READ_BUFFER_BYTES,
     REGULAR_TYPE,
     SPLIT_SUFFIXES,
     SPLIT_TAIL_BYTES,
@@ -37,6 +36,7 @@ from .tarstream import (
     _padded,
     parse_pax_records,
     piece_header,
+    read_through,
 )
 
 MAX_HEAD_BYTES = 64 * 1024  # the store writes SPLIT_HEAD_BYTES (4 KiB)
@@ -69,27 +69,18 @@ class Rejoin:
         self._ext_left = 0  # padded bytes of the current extension header's data still to come
         self._triple: _Triple | None = None
         self.joined = 0  # split members put back together
+        self._ended = False  # the last block seen was an end-of-archive (zero) block
+        self.at_eof = False  # the source ended (a refusal before it was ours, not the source's end)
 
     def run(self, source: BinaryIO) -> None:
-        buffer = bytearray(READ_BUFFER_BYTES)
-        view = memoryview(buffer)
-        start = end = 0
-        while True:
-            if start:
-                leftover = end - start
-                buffer[:leftover] = buffer[start:end]
-                start, end = 0, leftover
-            count = source.readinto(view[end:])
-            if count is None:
-                raise OSError("non-blocking input is not supported")
-            if count == 0:
-                break
-            end += count
-            start = self._consume(view, start, end)
-        if end - start or self._mode != "header" or self._ext:
+        left = read_through(source, self._consume)
+        self.at_eof = True
+        if left or self._mode != "header" or self._ext:
             raise JoinError("the archive's tar stream ends inside a member")
         if self._triple is not None:
             raise JoinError(f"the archive's tar stream ends inside split member {self._name(self._triple)}")
+        if not self._ended:  # export-tar always ends with zero blocks: a stream cut between members
+            raise JoinError("the archive's tar stream ends without its end-of-archive blocks")
 
     @staticmethod
     def _name(triple: _Triple) -> str:
@@ -148,7 +139,9 @@ class Rejoin:
             if self._ext:
                 raise JoinError("zero block after an extended header")
             self._write(header)
+            self._ended = True
             return
+        self._ended = False
         if header[257:262] != b"ustar":
             raise JoinError("not a tar header in the archive's tar stream")
         try:

@@ -12,7 +12,8 @@ headers (checksum, magic, type, size), passes member data through untouched, and
   Names, sizes, types and data are kept exactly; checksums are recomputed;
 - withholds the final 512-byte block of the latest member and the zero blocks after it until the
   whole stream has been validated. An engine that sees end-of-file early (because we died or were
-  killed) therefore always sees a member cut short, never a clean-looking end;
+  killed) therefore sees a member cut short, except between two of our writes (see docs/adapters.md:
+  such a stream is saved at most as pending, never committed);
 - with `split=True` (borg import-tar), feeds each large member to the engine as three consecutive
   members, head / body / tail (`split_names`), so that the per-run bytes near its start (the inner
   tar's `GNUSparseFile.<pid>` name) and its end (the shim trailer's tag) each cost the engine one
@@ -267,24 +268,11 @@ class StreamFilter:
     # -- input ------------------------------------------------------------------------------
     def run(self, source: BinaryIO) -> StreamSummary:
         """Read `source` (raw, unbuffered) to its end. Raises StreamRejected for a bad stream."""
-        buffer = bytearray(READ_BUFFER_BYTES)
-        view = memoryview(buffer)
-        start = end = 0
-        while True:
-            if start:  # keep the unfinished header block (< 512 bytes) at the front
-                leftover = end - start
-                buffer[:leftover] = buffer[start:end]
-                start, end = 0, leftover
-            count = source.readinto(view[end:])
-            if count is None:
-                raise OSError("non-blocking input is not supported")
-            if count == 0:
-                break
-            self.summary.stream_bytes += count
-            end += count
-            start = self._consume(view, start, end)
-        self._finish(end - start)
+        self._finish(read_through(source, self._consume, self._count))
         return self.summary
+
+    def _count(self, count: int) -> None:
+        self.summary.stream_bytes += count
 
     def _consume(self, view: memoryview, pos: int, end: int) -> int:
         while pos < end:
@@ -440,6 +428,33 @@ class StreamFilter:
         if self._zero_blocks < 2:
             raise StreamRejected(f"stream ends without end-of-archive blocks after member {last!r}")
         self._release_held()
+
+
+def read_through(
+    source: BinaryIO,
+    consume: Callable[[memoryview, int, int], int],
+    counted: Callable[[int], None] | None = None,
+) -> int:
+    """Read `source` (raw, unbuffered) to its end through one reused buffer: `consume(view, start,
+    end)` takes what it can and returns where it stopped (an unfinished 512-byte block stays at the
+    front for the next read). Returns how many bytes were left unconsumed at the end."""
+    buffer = bytearray(READ_BUFFER_BYTES)
+    view = memoryview(buffer)
+    start = end = 0
+    while True:
+        if start:
+            leftover = end - start
+            buffer[:leftover] = buffer[start:end]
+            start, end = 0, leftover
+        count = source.readinto(view[end:])
+        if count is None:
+            raise OSError("non-blocking input is not supported")
+        if count == 0:
+            return end - start
+        if counted is not None:
+            counted(count)
+        end += count
+        start = consume(view, start, end)
 
 
 def write_all_to(fd: int) -> Callable[[bytes | memoryview], None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import random
 import shutil
@@ -19,6 +20,8 @@ import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qtb_adapters.tarstream import StreamFilter, StreamSummary
 
 BLOCK = 512
 TRAILER_BYTES = 56
@@ -231,3 +234,11 @@ def python_tarfile_fails(data: bytes) -> bool:
     except tarfile.TarError:
         return True
     return False
+
+
+def run_filter(data: bytes, **options: bool) -> tuple[bytes, StreamSummary]:
+    """The adapter's stream filter (the code under test, unlike the rest of this module) over a
+    whole stream in memory: what it forwards, and its summary."""
+    out = bytearray()
+    summary = StreamFilter(out.extend, **options).run(io.BytesIO(data))
+    return bytes(out), summary

@@ -32,6 +32,7 @@ from streamtools import (
     make_backup,
     members_by_tar,
     python_tarfile_fails,
+    run_filter,
     tar2qfile_like_names,
     write_stream,
 )
@@ -54,12 +55,6 @@ def split_stream(tmp_path_factory):
     return backup, write_stream(backup, tmp / "stream", tmp / "work")
 
 
-def filtered(data: bytes, *, split: bool = True) -> tuple[bytes, object]:
-    out = bytearray()
-    summary = StreamFilter(out.extend, split=split).run(io.BytesIO(data))
-    return bytes(out), summary
-
-
 def joined(data: bytes) -> bytes:
     out = bytearray()
     Rejoin(out.extend).run(io.BytesIO(data))
@@ -80,7 +75,7 @@ def large(backup: V4Backup) -> list[str]:
 # -- the filter and the join, no engine ---------------------------------------------------------
 def test_large_members_go_out_as_three_pieces_and_join_back(split_stream, tmp_path: Path) -> None:
     backup, stream = split_stream
-    out, summary = filtered(stream.path.read_bytes())
+    out, summary = run_filter(stream.path.read_bytes(), split=True)
     members = backup.members()
     assert [(m.name, m.size) for m in summary.members] == [(n, len(d)) for n, d in members]  # original
     expected = []
@@ -98,7 +93,7 @@ def test_large_members_go_out_as_three_pieces_and_join_back(split_stream, tmp_pa
     assert members_by_tar(tmp_path / "joined", tmp_path / "x") == expected_members(backup)
     assert tar2qfile_like_names(tmp_path / "joined") == [name for name, _ in members]
     # Without splitting the join changes nothing.
-    plain, _ = filtered(stream.path.read_bytes(), split=False)
+    plain, _ = run_filter(stream.path.read_bytes())
     assert joined(plain) == plain
 
 
@@ -131,8 +126,8 @@ def test_reserved_names_are_refused_while_splitting(tmp_path: Path) -> None:
     backup = WithReservedName(plain.backup_id, plain.qubes, plain.chunks)
     stream = write_stream(backup, tmp_path / "s", tmp_path / "w")
     with pytest.raises(StreamRejected, match="reserved"):
-        filtered(stream.path.read_bytes())
-    filtered(stream.path.read_bytes(), split=False)  # not splitting: just a name
+        run_filter(stream.path.read_bytes(), split=True)
+    run_filter(stream.path.read_bytes())  # not splitting: just a name
 
 
 def _member(name: bytes, data: bytes, template: bytes) -> bytes:
@@ -155,7 +150,9 @@ def _member(name: bytes, data: bytes, template: bytes) -> bytes:
 )
 def test_the_join_refuses_anything_but_exact_triples(split_stream, pieces, reason) -> None:
     _, stream = split_stream
-    template = filtered(stream.path.read_bytes())[0][:512]  # a plain ustar header, as we make them
+    template = run_filter(stream.path.read_bytes(), split=True)[0][
+        :512
+    ]  # a plain ustar header, as we make them
     assert template[156:157] == b"0"
     head, body, tail = split_names(b"vm1/private.img.000.enc")
     names = {"h": head, "b": body, "t": tail, "B": b"vm9/private.img.000.enc.qtb-body", "plain": b"other"}
@@ -204,13 +201,7 @@ def test_borg_round_trip_of_split_and_unsplit_archives(split_stream, tmp_path: P
         home.ok_to_file(dumped, "dump", snapshot["id"])
         assert members_by_tar(dumped, tmp_path / "extract") == expected_members(backup)
         assert tar2qfile_like_names(dumped) == [name for name, _ in backup.members()]
-        # tar2qfile closes its end once it has what it wants: a quiet, successful end.
-        reader = home.popen("dump", snapshot["id"], stdin=subprocess.DEVNULL)
-        assert reader.stdout is not None and reader.stderr is not None
-        assert len(reader.stdout.read(300_000)) == 300_000
-        reader.stdout.close()
-        assert reader.wait(timeout=60) == 0
-        assert reader.stderr.read() == b""
+        home.dump_read_partly(snapshot["id"], 300_000)  # into a split member: the join's early end
     assert {s["id"] for s in home.snapshots()} == {old["id"], new["id"]}
     # docs/emergency-restore.md's join, as written there: borg export-tar, no qtb-adapter
     env = {**home.env, "BORG_PASSPHRASE": ENGINE_PASSWORD}
@@ -307,3 +298,51 @@ def test_a_split_archive_that_does_not_join_back_fails_its_dump(tmp_path: Path) 
     assert failed.returncode == 1, failed.stderr
     [line] = failed.stderr.strip().splitlines()
     assert "does not join back" in line and "lacks its body" in line
+
+
+@pytest.mark.parametrize("cut", ["at a member boundary", "inside a member", "before any output"])
+def test_a_borg_that_fails_midway_through_a_split_dump_is_an_error(split_stream, tmp_path, cut) -> None:
+    """ssh losing the connection makes borg fail with "Broken pipe" in its text while our own reader
+    is still there: that is borg's error (exit 1, its words), never the quiet end of a dump whose
+    reader went away, and never a stream cut between members passed off as whole."""
+    backup, stream = split_stream
+    partial, wrapper = tmp_path / "partial", tmp_path / "borg-cut"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case "$2" in export-tar) [ -e {partial} ] && {{ cat {partial}; '
+        'echo "packet_write_wait: Connection to backup port 22: Broken pipe" >&2; exit 2; }; esac\n'
+        'exec borg "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    home = AdapterHome(tmp_path / "qube")
+    repo = tmp_path / "repo"
+    home.init("borg", str(repo), f"binary={wrapper}")
+    stored = store_commit(home, backup, stream.path)
+    exported = tmp_path / "whole"
+    home.ok_to_file(exported, "dump", stored["id"])  # the whole stream, through the wrapper
+    whole = exported.read_bytes()
+    boundary = 512 + (tar_items(whole)[0]["size"] + 511) // 512 * 512  # after the first member
+    keep = {"at a member boundary": boundary, "inside a member": boundary + 700, "before any output": 0}[cut]
+    partial.write_bytes(whole[:keep])
+    failed = home.run("dump", stored["id"])
+    assert failed.returncode == 1, (failed.returncode, failed.stderr)
+    [line] = failed.stderr.strip().splitlines()
+    assert "borg dump failed" in line and "Broken pipe" in line
+
+
+def tar_items(data: bytes) -> list[dict]:
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as archive:
+        return [{"name": i.name, "size": i.size} for i in archive]
+
+
+def test_stream_archive_comments_read_as_borg_leaves_them() -> None:
+    """borg create expands the doubled braces of --comment, borg 1.2/1.4 import-tar keeps them: the
+    method (import-tar-split) must be read from both, or a split archive would be dumped unjoined."""
+    from qtb_adapters.borg import _comment, _parse_comment
+
+    data = {"method": "import-tar-split", "qtb": "stream", "run": "r1"}
+    assert _parse_comment(_comment(data)) == data  # as import-tar keeps it
+    assert _parse_comment(_comment(data).replace("{{", "{").replace("}}", "}")) == data  # as create
+    assert _parse_comment("") == {} and _parse_comment("not json") == {} and _parse_comment("[1]") == {}

@@ -12,15 +12,10 @@ from streamtools import (
     make_backup,
     members_by_tar,
     python_tarfile_fails,
+    run_filter,
     tar2qfile_like_names,
     write_stream,
 )
-
-
-def run_filter(data: bytes, *, normalise: bool = True) -> tuple[bytes, object]:
-    out = bytearray()
-    summary = StreamFilter(out.extend, normalise=normalise).run(io.BytesIO(data))
-    return bytes(out), summary
 
 
 def written_before_rejection(data: bytes) -> bytes:
