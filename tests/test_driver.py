@@ -570,6 +570,47 @@ def test_config_check_fails_where_backup_would_refuse(world: Sim):
     assert result["included"] == ["work"]  # what backup would use
     assert result["qubes"] == {"work": {"status": "to back up", "why": "no copy yet"}}
     assert qtb(world, "backup", check=False).returncode == 2  # which backup indeed refuses
+    config.write_text(config.read_text().replace('backup_qube = "backup"', 'backup_qube = "backpu"'))
+    proc = qtb(world, "config", "check", check=False)
+    assert proc.returncode == 3 and b"error: backup qube backpu does not exist" in proc.stdout
+
+
+# The README's "Install on Qubes" steps, in its order, as it writes them (sudo aside: the emulated
+# dom0 has one user); each must be in the README verbatim, so that the page and this test agree.
+README_FIRST_RUN = (
+    ("backup", "qtb-adapter init --engine restic --repo ~/repo --generate-password"),
+    ("dom0", "sudo qtb-pipe init --backup-qube backup"),
+    ("dom0", "sudo qtb-pipe install-shim"),
+    ("dom0", "qtb-pipe shim-status"),
+    ("dom0", "qtb-pipe config check"),
+    ("dom0", "qtb-pipe backup"),
+    ("dom0", "qtb-pipe verify"),
+)
+
+
+def test_the_readmes_first_run_works_as_written(world: Sim):
+    """12.1: a fresh backup qube and a fresh dom0, the README's commands in order, nothing edited by
+    hand; the adapter answers dom0's init (no warning), every qube is backed up and verified."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    install = readme[readme.index("## Install on Qubes") : readme.index("## Everyday use")]
+    at = [install.index(command) for _, command in README_FIRST_RUN]
+    assert at == sorted(at), "the README lists these steps in another order"
+    said = {}
+    for where, command in README_FIRST_RUN:
+        line = command.removeprefix("sudo ")
+        done = world.run("sh", "-c", line, inside=None if where == "dom0" else where, env=QTB_ENV)
+        assert done.returncode == 0, (command, done.stderr.decode())
+        said[line] = done
+    assert b"warning" not in said["qtb-pipe init --backup-qube backup"].stderr  # the adapter answered
+    password = world.qube_home("backup") / ".config/qtb-pipe/restic.password"
+    assert password.stat().st_mode & 0o777 == 0o600
+    verified = said["qtb-pipe verify"].stdout.decode()
+    assert all(re.search(rf"^  {q} +[0-9]+/[0-9]+ chunks verified", verified, re.M) for q in ALL), verified
+    logged = qtb(world, "list", "-v").stderr.decode()  # -v: every command line dom0 runs
+    assert (
+        "qtb-pipe: + qvm-run --pass-io --no-autostart backup 'qtb-adapter list --json --engine restic'"
+        in logged
+    )
 
 
 def test_init_checks_the_backup_qube_and_a_second_init_keeps_the_secret(world: Sim):
