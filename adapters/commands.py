@@ -382,7 +382,10 @@ def _reader_gone(fd: int) -> bool:
 
 def cmd_dump(session: Session, snapshot_id: str, out_fd: int) -> None:
     snapshot = session.find_complete(snapshot_id)
-    finished = session.engine.dump(snapshot, out_fd)
+    try:
+        finished = session.engine.dump(snapshot, out_fd)
+    except AdapterError as error:  # e.g. borg failing during a joined dump: gone since it was cached?
+        raise session.cached_failure(snapshot_id, error) from None
     if finished.ok:
         return
     # tar2qfile stops reading once it has every member it wants: the engine then dies of SIGPIPE
