@@ -64,9 +64,32 @@ def test_stock_round_trip_with_real_scrypt(world: Sim, fresh_world: Sim, passphr
     proc = restore(fresh_world, passphrase_file, stream, "--ignore-missing")
     assert proc.returncode == 0, proc.stderr.decode()
     assert fresh_world.digest(*BACKED_UP, restored_home=True) == world.digest(*BACKED_UP)
+    # where real Qubes leaves dom0's home (facts: ~/home-restore-<date>/dom0-home/<user>/), looked at
+    # directly, not through the sim's own digest
+    (user,) = [d.name for d in (world.dom0 / "home").iterdir()]
+    (restored,) = (fresh_world.dom0 / "home" / user).glob("home-restore-*/dom0-home/*")
+    assert restored.name == user and any(p.is_file() for p in restored.rglob("*"))
     # every chunk really is a scrypt file (magic bytes), not plaintext
     listing = members(stream, "-i")
     assert all(name.endswith(".enc") for name in listing[2:])
+
+
+def test_a_missing_template_or_net_qube_is_refused_also_verify_only(
+    world: Sim, fresh_world: Sim, passphrase_file: Path
+):
+    """Facts §4 (qvm_backup_restore.py handle_broken, restore.py restore_info_verify): a qube whose
+    template (or explicit net qube) is neither on the host nor restored with it is refused, with
+    --verify-only too, unless --skip-broken (it is left out) or --ignore-missing."""
+    stream = backup_to_dir(world, passphrase_file, vms=("debian-12", "work", "vault"))
+    for extra in ((), ("--verify-only",)):
+        proc = restore(fresh_world, passphrase_file, stream, *extra, vms=("vault",))
+        assert proc.returncode == 1 and b"TemplateVMs are missing" in proc.stderr, (extra, proc.stderr)
+        proc = restore(fresh_world, passphrase_file, stream, *extra, vms=("debian-12", "work"))
+        assert proc.returncode == 1 and b"NetVMs are missing" in proc.stderr, (extra, proc.stderr)
+    proc = restore(fresh_world, passphrase_file, stream, "--skip-broken", vms=("debian-12", "work"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    restored = fresh_world.digest()["qubes"]
+    assert "debian-12" in restored and "work" not in restored  # the broken one left out
 
 
 def test_stream_layout_matches_qubes_order(world: Sim, passphrase_file: Path):
