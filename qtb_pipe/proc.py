@@ -148,12 +148,11 @@ def run(
                 proc.kill()
 
     readers = [
-        threading.Thread(target=read_stdout),
-        threading.Thread(target=_drain, args=(proc.stderr, err, on_chunk)),
+        threading.Thread(target=read_stdout, daemon=True),
+        threading.Thread(target=_drain, args=(proc.stderr, err, on_chunk), daemon=True),
     ]
     ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
-    for thread in (*readers, watcher) if stall_seconds or alive else readers:
-        thread.daemon = True
+    for thread in readers + ([watcher] if stall_seconds or alive else []):
         thread.start()
     try:
         code = proc.wait()
