@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO
 
@@ -131,9 +132,18 @@ class UnpackError(Exception):
         self.code = code
 
 
-def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int, on_file) -> None:
+def wait_for_space(fd: int, needed: int) -> None:
+    """unpack.c wait_for_space() (~l.77-91): polled once a second, no timeout (its own TODO)."""
+    while needed and (st := os.fstatvfs(fd)).f_bsize * st.f_bavail < needed:
+        time.sleep(1)
+
+
+def unpack_qfile(
+    stream: IO[bytes], target: Path, max_bytes: int, max_files: int, on_file, keep_free: int = 0
+) -> None:
     """qfile-dom0-unpacker: write each received file under target, calling on_file(name) once
-    it is complete. Limits of 0 mean unlimited; exceeding one fails with EDQUOT, as Qubes does."""
+    it is complete. Limits of 0 mean unlimited; exceeding one fails with EDQUOT, as Qubes does.
+    `keep_free` (its -w): before writing a file, wait until the disk has its size plus that free."""
     total_bytes = 0
     files = 0
     buf = bytearray(1 << 20)
@@ -165,6 +175,7 @@ def unpack_qfile(stream: IO[bytes], target: Path, max_bytes: int, max_files: int
         if max_bytes and total_bytes > max_bytes:
             os.close(fd)
             raise UnpackError("limit exceeded", errno.EDQUOT)
+        wait_for_space(fd, size + keep_free if keep_free else 0)
         try:
             with os.fdopen(fd, "wb") as f:
                 left = size

@@ -26,6 +26,9 @@ from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, parse_qubes_xml
 
 HEADER_QUBES_XML_MAX_SIZE = 1024 * 1024
+# The unpacker runs with `-w 500 MiB` (restore.py ~l.1065-1068; a local file: tar's checkpoint loop,
+# ~l.1072-1078): before each file it waits until the disk has the file's size plus this much free.
+FREE_SPACE_KEPT = 500 * 1024 * 1024
 # the loggers of qubesadmin/backup/restore.py (BackupRestore ~l.1010, ExtractWorker ~l.438)
 BACKUP_LOG = "qubesadmin.backup"
 EXTRACT_LOG = "qubesadmin.backup.extract"
@@ -102,8 +105,10 @@ class Restore:
     ) -> None:
         self.world, self.backup_vm, self.location = world, backup_vm, location
         self.passphrase, self.options, self.log = passphrase, options, log
-        (world.dom0 / "var/tmp").mkdir(parents=True, exist_ok=True)
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="restore", dir=world.dom0 / "var/tmp"))
+        # ~/QubesIncoming/backup#restore/tmpXXXX since R4.2 (restore.py ~l.988-997, commit 1033752)
+        incoming = world.dom0_home / "QubesIncoming/backup#restore"
+        incoming.mkdir(parents=True, exist_ok=True)
+        self.tmpdir = Path(tempfile.mkdtemp(dir=incoming))
         self.env = world.dom0_env()  # qvm-backup-restore runs scrypt from the user's PATH
         self.header: dict[str, str] = {}
         self.retrieval: subprocess.Popen | None = None
@@ -135,7 +140,7 @@ class Restore:
             stream = proc.stdout
         self.retrieval = proc
         try:
-            qrexec.unpack_qfile(stream, self.tmpdir, limit_bytes, limit_count, on_file)
+            qrexec.unpack_qfile(stream, self.tmpdir, limit_bytes, limit_count, on_file, FREE_SPACE_KEPT)
         except qrexec.UnpackError as e:
             qrexec.kill_service(proc)
             if e.code == errno.EDQUOT and limit_bytes == HEADER_QUBES_XML_MAX_SIZE:
