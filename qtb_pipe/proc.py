@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import EXIT_FAILED, QtbError
 
@@ -103,6 +104,30 @@ def _feed(pipe, data: bytes) -> None:
         pass
 
 
+# How often a guard is asked: what dom0 takes in during that time is the slack of its bound.
+GUARD_SECONDS = 0.02
+
+
+def _parent(pid: str) -> int | None:
+    with contextlib.suppress(OSError, IndexError, ValueError):  # "PID (COMM) STATE PPID …"
+        return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+    return None
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all under it, each stopped first: none forks or is re-parented unseen."""
+    stopped, found = set(), {pid}
+    while found:
+        for child in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGSTOP)
+        stopped |= found
+        found = {int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(p) in stopped} - stopped
+    for child in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def run(
     argv: list[str],
     input: bytes | None = None,
@@ -111,13 +136,15 @@ def run(
     file_bytes: int | None = None,
     stall_seconds: int = 0,
     alive: Callable[[], object] | None = None,
+    guard: Callable[[], QtbError | None] | None = None,
 ) -> Result:
     """Run a command: at most `stdout_limit` bytes of stdout (more: killed and refused), the end of
     stderr kept, each stderr chunk handed to `on_stderr` (progress). For the stock tools: `file_bytes`
     caps every file they and their children write (RLIMIT_FSIZE: restore's temporary files stay
     within the manifest); one silent on stderr for `stall_seconds`, with `alive()` (a progress
     marker) unchanged, gets SIGINT as from Ctrl-C (qvm-backup then cancels in qubesd, e.g. when
-    qubesd waits forever on a qube), SIGKILL a minute later."""
+    qubesd waits forever on a qube), SIGKILL a minute later. `guard()`, asked every GUARD_SECONDS,
+    returning an error: the command and all it started are killed at once and that error raised."""
     stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
     proc = _spawn(argv, stdin, _limits(file_bytes) if file_bytes else None)
     if input is not None:
@@ -129,15 +156,18 @@ def run(
         if len(out) > stdout_limit:
             proc.kill()  # what it started may hold the pipes open: not waited for (below)
 
-    heard, stalled = [time.monotonic(), alive and alive()], threading.Event()
+    heard, stalled, breach = [time.monotonic(), alive and alive()], threading.Event(), []
 
     def on_chunk(chunk: bytes) -> None:
         heard[0] = time.monotonic()
         if on_stderr:
             on_stderr(chunk)
 
-    def watch() -> None:  # alive() once a second: it may draw progress too
-        while not ended.wait(1):
+    def watch() -> None:  # alive() at each tick: it may draw progress too (ui throttles that)
+        while not ended.wait(GUARD_SECONDS if guard else 1):
+            if guard and (error := guard()):
+                breach.append(error)
+                return kill_tree(proc.pid)
             if alive and (mark := alive()) != heard[1]:
                 heard[:] = [time.monotonic(), mark]
             if stall_seconds and time.monotonic() - heard[0] > stall_seconds:
@@ -152,7 +182,7 @@ def run(
         threading.Thread(target=_drain, args=(proc.stderr, err, on_chunk), daemon=True),
     ]
     ended, watcher = threading.Event(), threading.Thread(target=watch, daemon=True)
-    for thread in readers + ([watcher] if stall_seconds or alive else []):
+    for thread in readers + ([watcher] if stall_seconds or alive or guard else []):
         thread.start()
     try:
         code = proc.wait()
@@ -162,6 +192,8 @@ def run(
         ended.set()  # no progress drawn and no stall check once this returns or raises
         if watcher.is_alive():
             watcher.join()
+    if breach:
+        raise breach[0]
     if len(out) > stdout_limit:
         raise QtbError(f"{argv[0]}: output larger than {stdout_limit} bytes, refused", EXIT_FAILED)
     if stalled.is_set():

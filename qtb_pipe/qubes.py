@@ -3,15 +3,19 @@ qvm-backup / qvm-backup-restore (their options mapped from typed option objects,
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from scrypt_shim import shim
 
 from . import proc
-from .errors import EXIT_QUBE, QtbError
+from .errors import EXIT_QUBE, EXIT_VERIFY, QtbError
 
 # qubesadmin/tools/qvm_backup.py print_progress: `\rMaking a backup... 12.34%` on stderr
 PROGRESS_RE = re.compile(rb"Making a backup\.\.\. ([0-9]{1,3}(?:\.[0-9]{1,2})?)%")
@@ -114,19 +118,53 @@ class RestoreFlags:
         return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name)]
 
 
+# qvm-backup-restore's temporary directory, a mkdtemp per run in this since R4.2 (qubesadmin/backup/
+# restore.py ~l.988-997): its unpacker writes there what the backup qube sends, before any check.
+RESTORE_TEMP = Path("QubesIncoming/backup#restore")
+
+
+def _temp_dirs() -> set[Path]:
+    return set((Path.home() / RESTORE_TEMP).glob("*"))  # none when it is missing
+
+
+def disk_used(dirs: set[Path]) -> int:
+    """Disk these hold, each entry at least a 4 KiB block (an empty file still costs an inode)."""
+    total = 0
+    for folder, subdirs, files in (step for top in dirs for step in os.walk(top)):
+        for name in subdirs + files:  # what vanishes meanwhile is skipped
+            with contextlib.suppress(OSError):
+                total += max(os.lstat(os.path.join(folder, name)).st_blocks * 512, 4096)
+    return total
+
+
 def qvm_backup_restore(
     backup_qube: str,
     location: str,
     passphrase_file: str,
     flags: RestoreFlags,
     qubes: list[str],
-    file_bytes: int,
+    bounds: tuple[int, int],
     stall_seconds: int,
     alive: Callable[[], object],
 ) -> proc.Result:
     """Stock qvm-backup-restore from the backup qube. --ignore-size-limit: its byte limit comes from
-    qubes.xml's backup-size, which an uncompressed stream exceeds (facts §3); `file_bytes` bounds
-    every file dom0 writes instead; `alive`: the shim's accepted count (see proc.run)."""
+    qubes.xml's backup-size, which an uncompressed stream exceeds (facts §3); dom0's `bounds` instead:
+    bytes of any file it writes (RLIMIT_FSIZE), of its temporary directory (past it: killed, its
+    leftovers removed); `alive`: the shim's accepted count (see proc.run)."""
     argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
     argv += [*flags.argv(), location, *qubes]
-    return proc.run(argv, file_bytes=file_bytes, stall_seconds=stall_seconds, alive=alive)
+    before, (file_bytes, temp_bytes) = _temp_dirs(), bounds
+
+    def guard() -> QtbError | None:
+        if (used := disk_used(_temp_dirs() - before)) > temp_bytes:
+            held = f"{used} bytes in ~/{RESTORE_TEMP}, {temp_bytes} allowed"
+            why = f"refused: the backup qube sent more than the snapshot holds ({held})"
+            return QtbError(f"{why}; nothing unverified was restored", EXIT_VERIFY)
+        return None
+
+    try:
+        return proc.run(argv, file_bytes=file_bytes, stall_seconds=stall_seconds, alive=alive, guard=guard)
+    except QtbError:
+        for left in _temp_dirs() - before:  # a killed run leaves its directory behind
+            shutil.rmtree(left, ignore_errors=True)
+        raise

@@ -6,6 +6,9 @@ on the qube's PATH). ~/attack.json says what to do:
   {"drop": "MEMBER"}                     leave MEMBER out of the stream
   {"drop_last_of": "FILE"}               leave out the last chunk of FILE (e.g. vm1/root.img)
   {"inflate": "MEMBER", "to": BYTES}     serve MEMBER padded with zeros to BYTES (a dom0 disk filler)
+  {"junk": N, "size": BYTES, "after": MEMBER}  serve N files of BYTES zeros (DIR/junk.NNNN.enc)
+                                         right after MEMBER: each within dom0's file bound, together
+                                         a dom0 disk filler
   {"swap": "MEMBER", "from": SNAPSHOT}   serve MEMBER as stored in another snapshot
   {"reserve": "MEMBER", "after": "OTHER"} serve the genuine MEMBER once more, right after OTHER
   {"serve": SNAPSHOT}                    serve another snapshot's stream for any dump
@@ -89,6 +92,12 @@ def main(argv: list[str]) -> int:
                 items[items.index((info, data))] = (info, bytes(changed))
     if "inflate" in attack:
         items = [(i, d.ljust(attack["to"], b"\0") if i.name == attack["inflate"] else d) for i, d in items]
+    if "junk" in attack:
+        at = next(n for n, (i, _) in enumerate(items) if i.name == attack["after"]) + 1
+        for n in range(attack["junk"]):
+            info = copy.copy(items[at - 1][0])
+            info.name = f"{os.path.dirname(attack['after'])}/junk.{n:04d}.enc"
+            items.insert(at + n, (info, bytes(attack["size"])))
     if "drop" in attack:
         items = [(i, d) for i, d in items if i.name != attack["drop"]]
     if "drop_last_of" in attack:

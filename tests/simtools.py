@@ -60,6 +60,11 @@ class Sim:
     def dom0(self) -> Path:
         return self.root / "dom0"
 
+    @property
+    def dom0_home(self) -> Path:
+        (home,) = (self.dom0 / "home").iterdir()  # the world's one dom0 user
+        return home
+
 
 def make_world(path: Path, *extra: str) -> Sim:
     subprocess.run(["qubes-sim", "init", str(path), *extra], check=True, capture_output=True)

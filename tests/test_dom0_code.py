@@ -22,8 +22,10 @@ SHIM_BUDGET = 450
 # one owner of "will the shim run?"), and to 3,005 the same day for refusing an unreadable records
 # directory (+6: it read as "no records", which prune would act on) and init asking the adapter
 # (+10; 5 paid back: the key check through restore's fetch_manifest, compute_tag out of the shim
-# into the tests, which alone used it); it may only go down.
-DOM0_CEILING = 3005
+# into the tests, which alone used it), and to 3,060 on 2026-12-07 for bounding restore's temporary
+# directory (+55: the runner's guard and tree kill, the directory's measure; issue 14.4: a hostile
+# backup qube's many small files filled it past the manifest); it may only go down.
+DOM0_CEILING = 3060
 
 
 def code_lines(path: Path) -> int:

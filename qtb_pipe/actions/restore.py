@@ -105,11 +105,14 @@ def refuse_before_data(
     return broken
 
 
-def file_bound(plan: list[dict], prefixes: list[str]) -> int:
-    """The largest file this pass may write in dom0: a chunk as sent (data + trailer), or a file of
-    the dom0 home, which restore unpacks there (bounded by the home's whole inner stream)."""
+def bounds(plan: list[dict], prefixes: list[str]) -> tuple[int, int]:
+    """What this pass may write in dom0 (docs/design.md): the largest file (a chunk as sent, or the
+    dom0 home's inner stream, unpacked into ~/home-restore-*), and the temporary directory: every
+    chunk as sent, two more, 8 KiB of rounding per chunk and a MiB for the tool's own files."""
+    sent = [c["size"] + shim.TRAILER_SIZE for c in plan]
     home = sum(c["size"] for c in plan if c["path"].startswith("dom0-home/"))
-    return max([c["size"] + shim.TRAILER_SIZE for c in plan] + [home if "dom0-home/" in prefixes else 0])
+    largest = max([*sent, home if "dom0-home/" in prefixes else 0])
+    return largest, sum(sent) + 2 * max(sent) + 8192 * len(sent) + (1 << 20)
 
 
 def restore_pass(
@@ -132,7 +135,7 @@ def restore_pass(
     try:
         plan = run.write_plan(found, prefixes)
         host = {} if flags.verify_only else qubes.list_qubes()
-        bound = file_bound(plan, prefixes)
+        bound = bounds(plan, prefixes)
         done = list(itertools.accumulate((c["size"] for c in plan), initial=0))  # bytes, by chunks accepted
 
         def accepted() -> int:  # the stall marker, drawn as progress
@@ -149,7 +152,7 @@ def restore_pass(
         if failure:
             raise QtbError(f"refused: {failure}; nothing unverified was restored", EXIT_VERIFY)
         if cut := unpacker_refusal(res.stderr, location):
-            too_big = f"larger than the manifest allows (dom0 cut it at {bound} bytes)"
+            too_big = f"larger than the manifest allows (dom0 cut it at {bound[0]} bytes)"
             what = "twice (dom0's unpacker never overwrites one)" if cut == b"17" else too_big
             refusal = f"refused: the backup qube served a file {what}; nothing unverified was restored"
             raise QtbError(refusal, EXIT_VERIFY)
