@@ -109,6 +109,22 @@ def test_a_record_of_the_wrong_shape_is_damaged_not_an_internal_error(tmp_path, 
     assert refused.value.code == 3 and path.name in str(refused.value)
 
 
+def test_a_record_is_never_replaced_by_one_with_another_manifest(tmp_path, monkeypatch):
+    """14.1, the last line of defence: a commit answered with an older snapshot's id that got past
+    backup's checks still cannot overwrite that snapshot's record (the same manifest may be saved
+    again: a retried save after a lost answer)."""
+    monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
+    old = SnapshotRecord("a" * 64, "restic", BID, "2026-11-24T00:00:00+00:00", {"work": None}, 1, "00" * 32)
+    save_record(old)
+    before = record_path("restic", old.id).read_bytes()
+    save_record(old)
+    with pytest.raises(QtbError, match=r"already has a record of snapshot a+ with another manifest") as e:
+        save_record(
+            SnapshotRecord(old.id, "restic", BID, "2026-12-07T00:00:00+00:00", {"work": None}, 2, "11" * 32)
+        )
+    assert e.value.code == 5 and record_path("restic", old.id).read_bytes() == before
+
+
 def test_a_record_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
     """A full disk's write error has no file name: write_private says which file, and leaves none."""
     monkeypatch.setenv("QTB_PIPE_ROOT", str(tmp_path))
