@@ -37,12 +37,18 @@ def many_nights(work: Path, env: dict, engine: str, nights: int = 30, size_mib: 
         sim("mutate", str(world), qube, "--percent", "1", "--seed", str(100 + number))
         backup_s, done = night.timed_json("qtb-pipe", "backup", "--engine", engine)
         list_s, listed = night.timed_json("qtb-pipe", "list", "--engine", engine)
+        prune_s, _ = night.timed_json("qtb-pipe", "prune", "--engine", engine, "--dry-run")
+        # a test restore of the night's snapshot (the qube that ran and dom0's home) through the
+        # stock path: what restore does, less creating the qubes
+        verify_s, _ = night.timed_json("qtb-pipe", "verify", "--engine", engine, done["snapshot"])
         rows.append({
             "night": number + 1,
             "ran": qube,
             "backed_up": sorted(q for q, r in done["qubes"].items() if r["status"] == "backed up"),
             "backup_seconds": round(backup_s, 2),
             "list_seconds": round(list_s, 2),
+            "prune_dry_run_seconds": round(prune_s, 2),
+            "verify_night_seconds": round(verify_s, 2),
             "snapshots": len(listed["snapshots"]),
             "dom0_state_bytes": du(world / "dom0/var/lib/qtb-pipe"),
             "adapter_state_bytes": du(night.home / ".local/state/qtb-pipe"),
@@ -94,11 +100,14 @@ def growth(rows: list[dict], key: str, span: int = 5) -> float | None:
 def load_markdown(results: dict) -> list[str]:
     lines = md_section(
         "Many nights in a row (issue 14)",
-        "One qube ran each night (1% changed), then `qtb-pipe backup`; growth = mean of the last 5 nights "
-        "over the first 5 (1 = flat). Then prune (default retention), check, verify, and `restore --all` of "
-        "what was kept (each qube's newest copy), every qube compared with its original.",
+        "One qube ran each night (1% changed), then `qtb-pipe backup`, `list`, `prune --dry-run` and "
+        "`verify` of that night's snapshot (a test restore through the stock path); growth = mean of "
+        "the last 5 nights over the first 5 (1 = flat). Then prune (default retention), check, verify, "
+        "and `restore --all` of what was kept (each qube's newest copy), every qube compared with its "
+        "original.",
         "| engine | nights | snapshots | backup s first→last "
-        "| growth: backup, list, dom0 state, adapter state | prune s (removed) | verify s "
+        "| growth: backup, list, prune --dry-run, verify of the night, dom0 state, adapter state "
+        "| prune s (removed) | verify s "
         "| restore --all s (snapshots, all identical) |",
         "|---|---:|---:|---|---|---|---:|---|",
     )
@@ -109,7 +118,14 @@ def load_markdown(results: dict) -> list[str]:
             f"{rows[0]['backup_seconds']}→{rows[-1]['backup_seconds']} | "
             + ", ".join(
                 str(growth(rows, k))
-                for k in ("backup_seconds", "list_seconds", "dom0_state_bytes", "adapter_state_bytes")
+                for k in (
+                    "backup_seconds",
+                    "list_seconds",
+                    "prune_dry_run_seconds",
+                    "verify_night_seconds",
+                    "dom0_state_bytes",
+                    "adapter_state_bytes",
+                )
             )
             + f" | {r['prune']['seconds']} ({r['prune']['removed']}) | {r['verify']['seconds']} | "
             f"{r['restore_every_qube']['seconds']} ({r['restore_every_qube']['snapshots']}, "
