@@ -32,5 +32,6 @@ def test_thirty_nights_then_prune_check_verify_restore(tmp_path, engine: str):
     assert all(restored["identical"].values()), restored["identical"]
     print(
         f"{engine}: growth over 30 nights (last 5 / first 5): backup {growth(rows, 'backup_seconds')}, "
-        f"list {growth(rows, 'list_seconds')}, dom0 state {growth(rows, 'dom0_state_bytes')}"
+        f"list {growth(rows, 'list_seconds')}, prune --dry-run {growth(rows, 'prune_dry_run_seconds')}, "
+        f"verify {growth(rows, 'verify_night_seconds')}, dom0 state {growth(rows, 'dom0_state_bytes')}"
     )
