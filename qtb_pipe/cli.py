@@ -107,6 +107,8 @@ def _restore(args: argparse.Namespace, verify_only: bool) -> dict:
     flags = RestoreFlags(verify_only=verify_only, **{k: getattr(args, k, False) for k in RESTORE_FLAGS})
     single_pass = getattr(args, "single_pass", False)
     opts = RestoreOptions(args.snapshot, args.qubes, flags, single_pass, args.new_system, args.json)
+    if args.snapshot == "latest":  # restic's name for the newest snapshot: here, one run's qubes only
+        raise QtbError("no snapshot 'latest': use --all (each qube's newest copy) or --qube NAME", EXIT_USAGE)
     if args.snapshot is not None:
         return run_restore(_config(args), opts)
     return run_restore_latest(_config(args), opts, args.qube or [], _as_of(getattr(args, "as_of", None)))
@@ -174,11 +176,8 @@ def data_subset(text: str) -> str:
     """restic's `N%` (0 < N <= 100), `n/t` (1 <= n <= t), a size like `500M`; borg's `last=N`."""
     percent = re.fullmatch(r"([0-9]{1,3}(?:\.[0-9]{1,3})?)%", text)
     part = re.fullmatch(r"([0-9]{1,6})/([0-9]{1,6})", text)
-    if (
-        (percent and 0 < float(percent[1]) <= 100)
-        or (part and 1 <= int(part[1]) <= int(part[2]))
-        or re.fullmatch(r"[0-9]{1,9}[KMGT]|last=[0-9]{1,6}", text)
-    ):
+    counted = (percent and 0 < float(percent[1]) <= 100) or (part and 1 <= int(part[1]) <= int(part[2]))
+    if counted or re.fullmatch(r"[0-9]{1,9}[KMGT]|last=[0-9]{1,6}", text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is not N% (at most 100), n/t, a size like 500M or last=N")
 
@@ -325,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "each qube's newest copy, age and count; the snapshots and dom0's record of them",
         show=manage.print_list,
     )
-    s.add_argument("--qube", metavar="NAME", help="also the history of this qube's copies")
+    s.add_argument("--qube", metavar="NAME", help="only this qube: its history, the snapshots holding it")
 
     s = add(
         "prune",

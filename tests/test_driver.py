@@ -105,10 +105,14 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert [q for q, r in night["qubes"].items() if r["status"] == "backed up"] == ["work"]
     full = qtb_json(world, "backup", "--full", "vault")
     assert full["qubes"]["vault"]["status"] == "backed up" and full["qubes"]["vault"]["why"] == "--full"
-    listed = qtb_json(world, "list", "--qube", "work")["qubes"]
+    history = qtb_json(world, "list", "--qube", "work")
+    listed = history["qubes"]
     assert listed["work"]["copies"] == 2 and listed["work"]["latest"] == night["qubes"]["work"]["snapshot"]
     assert [h["snapshot"] for h in listed["work"]["history"]][1] == backed_up.snapshots["work"]
-    assert listed["vault"]["copies"] == 2 and "history" not in listed["vault"]
+    assert list(listed) == ["work"]  # only that qube, and only the snapshots that hold it
+    assert [r["id"] for r in history["snapshots"]] == [
+        r["id"] for r in qtb_json(world, "list")["snapshots"] if "work" in r["qubes"]
+    ]
     # --as-of: the newest copies made by then; several --qube names, each from its own copy
     args = ("--qube", "work", "--qube", "vault", "--verify-only")
     then = qtb_json(world, "restore", *args, "--as-of", fixture_done)["qubes"]
@@ -434,6 +438,8 @@ def test_bad_input_one_line_errors(tmp_path: Path, world: Sim):
     cases = [
         (("restore", "doesnotexist"), 4),
         (("restore", "bad id!"), 2),
+        (("restore", "latest"), 2),  # says --all / --qube: a snapshot here is one run's qubes
+        (("verify", "latest"), 2),
         (("check", "--read-data-subset", "150%"), 2),  # said before the engine is asked
         (("verify", "--read-data-subset", "0/5"), 2),
         (("restore",), 2),

@@ -30,7 +30,7 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
         raise QtbError(f"dom0 has no copy of {qube} in {cfg.engine} (see qtb-pipe list)", EXIT_USAGE)
     now = datetime.datetime.now(datetime.UTC)
     per_qube = {}
-    for name, recs in copies.items():
+    for name, recs in copies.items() if qube is None else [(qube, copies[qube])]:
         newest = recs[-1]
         per_qube[name] = {
             "latest": newest.id,
@@ -41,15 +41,11 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
         }
         if name == qube:
             per_qube[name]["history"] = [
-                {
-                    "snapshot": r.id,
-                    "time": r.time,
-                    "backup_id": r.backup_id,
-                    "manifest_sha256": r.manifest_sha256,
-                }
-                | {"fingerprint": r.qubes[name], "in_repository": r.id in present}
+                {"snapshot": r.id, "time": r.time, "backup_id": r.backup_id, "fingerprint": r.qubes[name]}
+                | {"manifest_sha256": r.manifest_sha256, "in_repository": r.id in present}
                 for r in reversed(recs)
             ]
+    rows = [r for r in rows if qube in (None, *r["qubes"])]  # with --qube, those that hold it
     return {"engine": cfg.engine, "qubes": per_qube, "snapshots": rows}
 
 
