@@ -119,12 +119,12 @@ def kill_tree(pid: int) -> None:
     stopped, found = set(), {pid}
     while found:
         for child in found:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(OSError):  # gone, or not ours to stop (a sudo): killed below
                 os.kill(child, signal.SIGSTOP)
         stopped |= found
         found = {int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(p) in stopped} - stopped
     for child in stopped:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
 
 
@@ -165,7 +165,7 @@ def run(
 
     def watch() -> None:  # alive() at each tick: it may draw progress too (ui throttles that)
         while not ended.wait(GUARD_SECONDS if guard else 1):
-            if guard and (error := guard()):
+            if guard and proc.returncode is None and (error := guard()):
                 breach.append(error)
                 return kill_tree(proc.pid)
             if alive and (mark := alive()) != heard[1]:

@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import shlex
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -118,23 +117,35 @@ class RestoreFlags:
         return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name)]
 
 
-# qvm-backup-restore's temporary directory, a mkdtemp per run in this since R4.2 (qubesadmin/backup/
-# restore.py ~l.988-997): its unpacker writes there what the backup qube sends, before any check.
-RESTORE_TEMP = Path("QubesIncoming/backup#restore")
+# qvm-backup-restore's temporary directory, a mkdtemp per run: ~/QubesIncoming/backup#restore-* in
+# R4.2.0, .backup#restore-* from v4.2.18 and R4.3.0, backup#restore/tmp* from v4.3.27 (qubesadmin/
+# backup/restore.py __init__): its unpacker writes there what the backup qube sends, unchecked.
+RESTORE_TEMPS = (
+    "QubesIncoming/backup#restore-*",
+    "QubesIncoming/.backup#restore-*",
+    "QubesIncoming/backup#restore/*",
+)
 
 
 def _temp_dirs() -> set[Path]:
-    return set((Path.home() / RESTORE_TEMP).glob("*"))  # none when it is missing
+    return {p for pattern in RESTORE_TEMPS for p in Path.home().glob(pattern)}
 
 
-def disk_used(dirs: set[Path]) -> int:
-    """Disk these hold, each entry at least a 4 KiB block (an empty file still costs an inode)."""
-    total = 0
-    for folder, subdirs, files in (step for top in dirs for step in os.walk(top)):
-        for name in subdirs + files:  # what vanishes meanwhile is skipped
-            with contextlib.suppress(OSError):
-                total += max(os.lstat(os.path.join(folder, name)).st_blocks * 512, 4096)
-    return total
+def disk_used(dirs: set[Path]) -> tuple[int, int]:
+    """Disk these hold, each entry at least a 4 KiB block (an empty file still costs an inode), and
+    their entries; walked without recursion (a deep tree must not stop the count)."""
+    total, entries, todo = 0, 0, list(dirs)
+    while todo:
+        with contextlib.suppress(OSError), os.scandir(todo.pop()) as listing:
+            for entry in listing:  # what vanishes meanwhile is skipped
+                with contextlib.suppress(OSError):
+                    total, entries = (
+                        total + max(entry.stat(follow_symlinks=False).st_blocks * 512, 4096),
+                        entries + 1,
+                    )
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(Path(entry.path))
+    return total, entries
 
 
 def qvm_backup_restore(
@@ -153,11 +164,12 @@ def qvm_backup_restore(
     leftovers removed); `alive`: the shim's accepted count (see proc.run)."""
     argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
     argv += [*flags.argv(), location, *qubes]
-    before, (file_bytes, temp_bytes) = _temp_dirs(), bounds
+    before, (file_bytes, temp_bytes, temp_entries) = _temp_dirs(), bounds
 
     def guard() -> QtbError | None:
-        if (used := disk_used(_temp_dirs() - before)) > temp_bytes:
-            held = f"{used} bytes in ~/{RESTORE_TEMP}, {temp_bytes} allowed"
+        used, entries = disk_used(_temp_dirs() - before)
+        if used > temp_bytes or entries > temp_entries:
+            held = f"{used} bytes in {entries} files, {temp_bytes} in {temp_entries} allowed"
             why = f"refused: the backup qube sent more than the snapshot holds ({held})"
             return QtbError(f"{why}; nothing unverified was restored", EXIT_VERIFY)
         return None
@@ -165,6 +177,6 @@ def qvm_backup_restore(
     try:
         return proc.run(argv, file_bytes=file_bytes, stall_seconds=stall_seconds, alive=alive, guard=guard)
     except QtbError:
-        for left in _temp_dirs() - before:  # a killed run leaves its directory behind
-            shutil.rmtree(left, ignore_errors=True)
+        if left := _temp_dirs() - before:  # a killed run leaves its directory; rm: no recursion limit
+            proc.run(["rm", "-rf", "--one-file-system", "--", *map(str, left)])
         raise

@@ -274,7 +274,11 @@ class Restore:
     # --- data ---------------------------------------------------------------------------
     def restore_data(self, plan: list[ToRestore]) -> None:
         """qubesadmin restore_do (~l.2036-2042): an error while extracting the data is logged and the
-        tool goes on to exit 0; only with --verify-only is it raised (exit 1)."""
+        tool goes on to exit 0; only with --verify-only is it raised (exit 1). First, check_disk_space
+        (~l.1962-1976, 1994): under 1 GiB free in the temporary directory it refuses, verify too."""
+        st = os.statvfs(self.tmpdir)
+        if st.f_frsize * st.f_bavail < 1024**3:
+            raise SimError(f"Too little space in {self.tmpdir}, needs at least 1GB")
         try:
             self._restore_data(plan)
         except SimError as e:

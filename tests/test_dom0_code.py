@@ -24,8 +24,11 @@ SHIM_BUDGET = 450
 # (+10; 5 paid back: the key check through restore's fetch_manifest, compute_tag out of the shim
 # into the tests, which alone used it), and to 3,060 on 2026-12-07 for bounding restore's temporary
 # directory (+55: the runner's guard and tree kill, the directory's measure; issue 14.4: a hostile
-# backup qube's many small files filled it past the manifest); it may only go down.
-DOM0_CEILING = 3060
+# backup qube's many small files filled it past the manifest), then 3,055 (`list --qube` filters
+# and `restore latest` says what to use instead, +6, with 9 paid back), then 3,067 (a review of the
+# bound: every release's directory name, an entry count, a walk without recursion); it may only
+# go down.
+DOM0_CEILING = 3067
 
 
 def code_lines(path: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from dataclasses import replace
@@ -311,3 +312,30 @@ def test_on_error_hears_of_an_interrupt_and_of_a_failed_job(tmp_path: Path, monk
         with pytest.raises((KeyboardInterrupt, QtbError)):
             run_hooked(argparse.Namespace(command="backup", func=func, dry_run=False))
     assert log.read_text().splitlines() == ["backup 130 interrupted", "backup 6 the backup qube said ?no?[2J"]
+
+
+def test_restore_temp_measure_needs_no_recursion(tmp_path):
+    """A hostile tree deeper than Python's recursion limit (os.walk recurses in 3.11) is still
+    counted: dom0's bound must not stop at the first deep directory."""
+    deep = tmp_path / "t"
+    path = str(deep)
+    for _ in range(1201):  # not os.makedirs: it recurses too
+        os.mkdir(path)
+        path += "/d"
+    (deep / "f").write_bytes(bytes(10_000))
+    used, entries = qubes.disk_used({deep})
+    assert entries == 1201 and used >= 1200 * 4096 + 10_000
+
+
+def test_kill_tree_kills_the_grandchildren_too():
+    parent = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE)
+    grandchild = int(parent.stdout.readline())
+    proc.kill_tree(parent.pid)
+    assert parent.wait(10) == -9
+    for _ in range(100):  # re-parented to init (or the sandbox's), which reaps it
+        stat = Path(f"/proc/{grandchild}/stat")
+        if not stat.exists() or b") Z" in stat.read_bytes():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the grandchild survived")

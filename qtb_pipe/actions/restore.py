@@ -105,14 +105,15 @@ def refuse_before_data(
     return broken
 
 
-def bounds(plan: list[dict], prefixes: list[str]) -> tuple[int, int]:
+def bounds(plan: list[dict], prefixes: list[str]) -> tuple[int, int, int]:
     """What this pass may write in dom0 (docs/design.md): the largest file (a chunk as sent, or the
     dom0 home's inner stream, unpacked into ~/home-restore-*), and the temporary directory: every
-    chunk as sent, two more, 8 KiB of rounding per chunk and a MiB for the tool's own files."""
+    chunk as sent, two more, 8 KiB of rounding per chunk and a MiB for the tool's own files, in at
+    most two entries per chunk and 64 more."""
     sent = [c["size"] + shim.TRAILER_SIZE for c in plan]
     home = sum(c["size"] for c in plan if c["path"].startswith("dom0-home/"))
     largest = max([*sent, home if "dom0-home/" in prefixes else 0])
-    return largest, sum(sent) + 2 * max(sent) + 8192 * len(sent) + (1 << 20)
+    return largest, sum(sent) + 2 * max(sent) + 8192 * len(sent) + (1 << 20), 2 * len(sent) + 64
 
 
 def restore_pass(
