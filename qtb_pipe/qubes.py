@@ -139,10 +139,8 @@ def disk_used(dirs: set[Path]) -> tuple[int, int]:
         with contextlib.suppress(OSError), os.scandir(todo.pop()) as listing:
             for entry in listing:  # what vanishes meanwhile is skipped
                 with contextlib.suppress(OSError):
-                    total, entries = (
-                        total + max(entry.stat(follow_symlinks=False).st_blocks * 512, 4096),
-                        entries + 1,
-                    )
+                    total += max(entry.stat(follow_symlinks=False).st_blocks * 512, 4096)
+                    entries += 1
                     if entry.is_dir(follow_symlinks=False):
                         todo.append(Path(entry.path))
     return total, entries
@@ -154,14 +152,14 @@ def qvm_backup_restore(
     passphrase_file: str,
     flags: RestoreFlags,
     qubes: list[str],
-    bounds: tuple[int, int],
+    bounds: tuple[int, int, int],
     stall_seconds: int,
     alive: Callable[[], object],
 ) -> proc.Result:
     """Stock qvm-backup-restore from the backup qube. --ignore-size-limit: its byte limit comes from
     qubes.xml's backup-size, which an uncompressed stream exceeds (facts §3); dom0's `bounds` instead:
-    bytes of any file it writes (RLIMIT_FSIZE), of its temporary directory (past it: killed, its
-    leftovers removed); `alive`: the shim's accepted count (see proc.run)."""
+    bytes of any file it writes (RLIMIT_FSIZE), bytes and entries of its temporary directory (past:
+    killed, its leftovers removed); `alive`: the shim's accepted count (see proc.run)."""
     argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
     argv += [*flags.argv(), location, *qubes]
     before, (file_bytes, temp_bytes, temp_entries) = _temp_dirs(), bounds

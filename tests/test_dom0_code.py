@@ -26,9 +26,9 @@ SHIM_BUDGET = 450
 # directory (+55: the runner's guard and tree kill, the directory's measure; issue 14.4: a hostile
 # backup qube's many small files filled it past the manifest), then 3,055 (`list --qube` filters
 # and `restore latest` says what to use instead, +6, with 9 paid back), then 3,067 (a review of the
-# bound: every release's directory name, an entry count, a walk without recursion); it may only
-# go down.
-DOM0_CEILING = 3067
+# bound: every release's directory name, an entry count, a walk without recursion; 3,065 after
+# a re-read); it may only go down.
+DOM0_CEILING = 3065
 
 
 def code_lines(path: Path) -> int:
