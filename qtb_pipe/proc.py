@@ -106,6 +106,7 @@ def _feed(pipe, data: bytes) -> None:
 
 # How often a guard is asked: what dom0 takes in during that time is the slack of its bound.
 GUARD_SECONDS = 0.02
+STALL_GRACE_SECONDS = 60  # after SIGINT, for qvm-backup to cancel in qubesd
 
 
 def _parent(pid: str) -> int | None:
@@ -114,16 +115,31 @@ def _parent(pid: str) -> int | None:
     return None
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all under it, each stopped first: none forks or is re-parented unseen."""
-    stopped, found = set(), {pid}
+def tree(pid: int, visit: Callable[[int], object] = lambda pid: None) -> set[int]:
+    """A process and all under it (through /proc's parent links), `visit` called on each as found:
+    kill_tree stops them there, so none forks or is re-parented unseen."""
+    seen, found = set(), {pid}
     while found:
         for child in found:
             with contextlib.suppress(OSError):  # gone, or not ours to stop (a sudo): killed below
-                os.kill(child, signal.SIGSTOP)
-        stopped |= found
-        found = {int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(p) in stopped} - stopped
-    for child in stopped:
+                visit(child)
+        seen |= found
+        found = {int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(p) in seen} - seen
+    return seen
+
+
+def tree_args(pid: int) -> set[str]:
+    """The command-line arguments of a process and all under it."""
+    args: set[str] = set()
+    for child in tree(pid):
+        with contextlib.suppress(OSError):
+            args.update(os.fsdecode(a) for a in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"))
+    return args
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all under it, each stopped first."""
+    for child in tree(pid, lambda p: os.kill(p, signal.SIGSTOP)):
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
 
@@ -136,15 +152,16 @@ def run(
     file_bytes: int | None = None,
     stall_seconds: int = 0,
     alive: Callable[[], object] | None = None,
-    guard: Callable[[], QtbError | None] | None = None,
+    guard: Callable[[int], QtbError | None] | None = None,
 ) -> Result:
     """Run a command: at most `stdout_limit` bytes of stdout (more: killed and refused), the end of
     stderr kept, each stderr chunk handed to `on_stderr` (progress). For the stock tools: `file_bytes`
     caps every file they and their children write (RLIMIT_FSIZE: restore's temporary files stay
     within the manifest); one silent on stderr for `stall_seconds`, with `alive()` (a progress
     marker) unchanged, gets SIGINT as from Ctrl-C (qvm-backup then cancels in qubesd, e.g. when
-    qubesd waits forever on a qube), SIGKILL a minute later. `guard()`, asked every GUARD_SECONDS,
-    returning an error: the command and all it started are killed at once and that error raised."""
+    qubesd waits forever on a qube), a minute later it and all it started SIGKILL. `guard(pid)`,
+    asked every GUARD_SECONDS (also in that minute), returning an error: the command and all it
+    started are killed at once and that error raised."""
     stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
     proc = _spawn(argv, stdin, _limits(file_bytes) if file_bytes else None)
     if input is not None:
@@ -164,18 +181,23 @@ def run(
             on_stderr(chunk)
 
     def watch() -> None:  # alive() at each tick: it may draw progress too (ui throttles that)
+        deadline = None  # after a stall's SIGINT: when the rest is killed
         while not ended.wait(GUARD_SECONDS if guard else 1):
-            if guard and proc.returncode is None and (error := guard()):
+            if proc.returncode is not None:  # reaped: its pid may be another process's by now
+                return
+            if guard and (error := guard(proc.pid)):
                 breach.append(error)
                 return kill_tree(proc.pid)
+            if deadline:
+                if time.monotonic() > deadline:
+                    return kill_tree(proc.pid)
+                continue
             if alive and (mark := alive()) != heard[1]:
                 heard[:] = [time.monotonic(), mark]
             if stall_seconds and time.monotonic() - heard[0] > stall_seconds:
                 stalled.set()
                 proc.send_signal(signal.SIGINT)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(60)
-                proc.kill()
+                deadline = time.monotonic() + STALL_GRACE_SECONDS
 
     readers = [
         threading.Thread(target=read_stdout, daemon=True),

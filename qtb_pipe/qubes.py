@@ -162,10 +162,14 @@ def qvm_backup_restore(
     killed, its leftovers removed); `alive`: the shim's accepted count (see proc.run)."""
     argv = ["qvm-backup-restore", "--ignore-size-limit", "-p", passphrase_file, "-d", backup_qube]
     argv += [*flags.argv(), location, *qubes]
-    before, (file_bytes, temp_bytes, temp_entries) = _temp_dirs(), bounds
+    before, ours, (file_bytes, temp_bytes, temp_entries) = _temp_dirs(), set(), bounds
 
-    def guard() -> QtbError | None:
-        used, entries = disk_used(_temp_dirs() - before)
+    def guard(pid: int) -> QtbError | None:
+        new = _temp_dirs() - before
+        if new and not ours:  # ours: the one its unpacker (or scrypt) was given; another restore's is not
+            args = proc.tree_args(pid)
+            ours.update(d for d in new if str(d) in args or any(a.startswith(f"{d}/") for a in args))
+        used, entries = disk_used(ours or new)
         if used > temp_bytes or entries > temp_entries:
             held = f"{used} bytes in {entries} files, {temp_bytes} in {temp_entries} allowed"
             why = f"refused: the backup qube sent more than the snapshot holds ({held})"
@@ -175,6 +179,6 @@ def qvm_backup_restore(
     try:
         return proc.run(argv, file_bytes=file_bytes, stall_seconds=stall_seconds, alive=alive, guard=guard)
     except QtbError:
-        if left := _temp_dirs() - before:  # a killed run leaves its directory; rm: no recursion limit
+        if left := ours or _temp_dirs() - before:  # a killed run leaves its directory; rm: no recursion limit
             proc.run(["rm", "-rf", "--one-file-system", "--", *map(str, left)])
         raise

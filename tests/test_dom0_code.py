@@ -27,8 +27,10 @@ SHIM_BUDGET = 450
 # backup qube's many small files filled it past the manifest), then 3,055 (`list --qube` filters
 # and `restore latest` says what to use instead, +6, with 9 paid back), then 3,067 (a review of the
 # bound: every release's directory name, an entry count, a walk without recursion; 3,065 after
-# a re-read); it may only go down.
-DOM0_CEILING = 3065
+# a re-read), then 3,087 (restore's bound pins its own temporary directory by the command lines of
+# its tools, so another restore's is neither counted nor removed; a stalled command and all it
+# started are killed after the grace, the guard still asked); it may only go down.
+DOM0_CEILING = 3087
 
 
 def code_lines(path: Path) -> int:

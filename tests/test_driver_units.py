@@ -330,15 +330,31 @@ def test_restore_temp_measure_needs_no_recursion(tmp_path):
     assert entries == 1201 and used >= 1200 * 4096 + 10_000
 
 
+def gone(pid: int) -> bool:
+    for _ in range(100):  # re-parented to init (or the sandbox's), which reaps it
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or b") Z" in stat.read_bytes():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_kill_tree_kills_the_grandchildren_too():
     parent = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE)
     grandchild = int(parent.stdout.readline())
+    assert "300" in proc.tree_args(parent.pid)  # the grandchild's argument: what the guard pins by
     proc.kill_tree(parent.pid)
     assert parent.wait(10) == -9
-    for _ in range(100):  # re-parented to init (or the sandbox's), which reaps it
-        stat = Path(f"/proc/{grandchild}/stat")
-        if not stat.exists() or b") Z" in stat.read_bytes():
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the grandchild survived")
+    assert gone(grandchild), "the grandchild survived"
+
+
+def test_a_stalled_command_that_ignores_sigint_is_killed_with_all_it_started(monkeypatch, tmp_path):
+    """qvm-backup cancels on SIGINT; one that does not, and what it started, are killed after the
+    grace (a stuck child would otherwise hold the jobs lock and the backup qube's pipe)."""
+    monkeypatch.setattr(proc, "STALL_GRACE_SECONDS", 1)
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    with pytest.raises(QtbError, match="made no progress for 1 s"):
+        proc.run(["sh", "-c", f"trap '' INT; sleep 300 & echo $! > {pid_file}; wait"], stall_seconds=1)
+    assert time.monotonic() - started < 10
+    assert gone(int(pid_file.read_text())), "the stalled command's child survived"
