@@ -26,8 +26,9 @@ from .scrypt_pty import UnexpectedPrompt, finish, launch_scrypt
 from .world import Qube, SimError, World, parse_qubes_xml
 
 HEADER_QUBES_XML_MAX_SIZE = 1024 * 1024
-# The unpacker runs with `-w 500 MiB` (restore.py ~l.1065-1068; a local file: tar's checkpoint loop,
-# ~l.1072-1078): before each file it waits until the disk has the file's size plus this much free.
+# The unpacker runs with `-w 500 MiB` (restore.py ~l.1065-1068): before each file it waits until
+# the disk has the file's size plus this much free. A local file goes through tar's checkpoint loop
+# upstream (~l.1069-1085); the sim unpacks it the same way as from a qube (docs/fidelity.md).
 FREE_SPACE_KEPT = 500 * 1024 * 1024
 # the loggers of qubesadmin/backup/restore.py (BackupRestore ~l.1010, ExtractWorker ~l.438)
 BACKUP_LOG = "qubesadmin.backup"
