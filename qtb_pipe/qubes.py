@@ -4,6 +4,8 @@ qvm-backup / qvm-backup-restore (their options mapped from typed option objects,
 from __future__ import annotations
 
 import contextlib
+import getpass
+import grp
 import os
 import re
 import shlex
@@ -98,6 +100,14 @@ def qvm_backup(
         *qubes,
     ]
     return proc.run(argv, on_stderr=progress, stall_seconds=stall_seconds)
+
+
+def dom0_user() -> str:
+    """Whose home qvm-backup-restore compares the backup's with (restore.py ~l.1789-1793, v4.4.0): the
+    qubes group's first member; with no such group (qubes-sim's host), the user running this."""
+    with contextlib.suppress(KeyError, IndexError):
+        return grp.getgrnam("qubes").gr_mem[0]
+    return getpass.getuser()
 
 
 @dataclass(frozen=True)

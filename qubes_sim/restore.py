@@ -259,13 +259,11 @@ class Restore:
                     t.vm.netvm = None  # the property is dropped: the host's default net qube
                 else:
                     t.problems.append("missing-netvm")
+        # get_restore_info (~l.1783-1799) adds dom0's home after restore_info_verify, which skips dom0
+        # (~l.1658-1660): the tool's VM list and -x (both `exclude`, tool ~l.299-304) never leave it
+        # out; only --skip-dom0-home does
         dom0 = backup_qubes.get("dom0")
-        if (
-            dom0
-            and dom0.features.get("backup-content") == "True"
-            and not o.skip_dom0_home
-            and (not o.vms or "dom0" in o.vms)
-        ):
+        if dom0 and dom0.features.get("backup-content") == "True" and not o.skip_dom0_home:
             t = ToRestore(dom0, "dom0", None)
             if Path(t.subdir).name != self.world.user and not o.ignore_username_mismatch:
                 t.problems.append("username-mismatch")

@@ -190,8 +190,20 @@ def qvm_backup_restore(argv: list[str]) -> int:
                 if not (args.skip_broken or args.ignore_missing):
                     # sic: no space after "restore." in qvm_backup_restore.py
                     raise SimError(f"Install them before proceeding with the restore.{OR_PASS}")
-        if any("username-mismatch" in t.problems for t in plan) and not args.skip_broken:
-            raise SimError("*** Username mismatch between backup and dom0: use --ignore-username-mismatch")
+        # ~l.197-213: only when dom0's home is restored, not with --verify-only (which then skips the
+        # home: a qube with a problem is not good_to_go); --ignore-username-mismatch set no problem
+        if any(t.vm.name == "dom0" for t in plan) and not opts.verify_only:
+            if any("username-mismatch" in t.problems for t in plan):
+                log("*** Dom0 username mismatch! This can break some settings! ***")
+                raise SimError(
+                    "Skip restoring the dom0 home directory (--skip-dom0-home), or pass "
+                    "--ignore-username-mismatch to continue anyway."
+                )
+            log(
+                "NOTE: The archived dom0 home directory will be restored to a new directory "
+                "'home-restore-<current-time>' created inside the dom0 home directory. Restored files "
+                "should be copied or moved out of the new directory before using them."
+            )
         if not args.passphrase_file and not _confirm("Do you want to proceed?"):
             raise SimError("Restore canceled")
         r.restore_data(plan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,15 @@ def qtb(world: Sim, *args: str, check: bool = True, env: dict | None = None) -> 
     if "--json" in args and "--help" not in args:
         check_answer(args, proc.stdout, proc.returncode)
     return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    """The error: one line, the last on stderr (progress notes may come before it)."""
+    text = proc.stderr.decode()
+    assert proc.returncode == code, text
+    errors = [line for line in text.splitlines() if re.match(r"qtb-(pipe|adapter)( [a-z-]+)?: error", line)]
+    assert len(errors) == 1 and text.endswith(errors[0] + "\n") and "Traceback" not in text, text
+    return errors[0]
 
 
 def qtb_json(world: Sim, *args: str) -> object:

@@ -6,6 +6,7 @@ up once per engine (one snapshot per qube), so no test repeats the full backup.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from drivertools import (
     adapter_init,
     install_attacker,
     mutate,
+    one_line_error,
     qtb,
     qtb_json,
     remove_attacker,
@@ -338,6 +340,27 @@ def test_a_missing_template_is_said_before_any_data_is_read(backed_up, fresh_wor
     )
     assert proc.returncode == 1 and "nothing to restore" in json.loads(proc.stdout)["qubes"]["work"]["error"]
     assert "work" not in fresh_world.digest()["qubes"]
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_another_users_dom0_home_is_said_before_any_data_is_read_and_verify_still_reads_it(
+    backed_up, tmp_path: Path, engine
+):
+    """Stock restore refuses another user's dom0 home only after qtb-pipe's verify pass, and its
+    --verify-only leaves that home unread (docs/qubes-facts.md R4)."""
+    alice = make_world(tmp_path / "alice", "--bare", "--user", "alice")
+    setup_qtb(alice, engine, backed_up.repo, recovery_key=backed_up.recovery_key)
+    restore = ("restore", "--qube", "dom0", "--new-system")
+    proc = qtb(alice, *restore, check=False)
+    assert "dom0's home in this snapshot is user's, and this dom0's user is alice" in one_line_error(proc, 2)
+    assert b"pass 1/2" not in proc.stderr
+    home = qtb_json(alice, *restore, "--verify-only")["qubes"]["dom0"]
+    assert home["verified"] == home["chunks"] > 0  # read and checked, though not restored
+    qtb(alice, *restore, "--ignore-username-mismatch")
+    restored = next(alice.dom0_home.glob("home-restore-*/dom0-home/user"))  # the backup side's name (R4)
+    original = backed_up.world.digest("dom0")["dom0-home"]
+    assert {p.relative_to(restored).as_posix() for p in restored.rglob("*") if p.is_file()} == set(original)
+    assert all(hashlib.sha256((restored / rel).read_bytes()).hexdigest() == h for rel, h in original.items())
 
 
 @pytest.mark.parametrize("engine", ["restic"])

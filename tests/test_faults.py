@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from drivertools import install_attacker, mutate, qtb, qtb_json, remove_attacker
+from drivertools import install_attacker, mutate, one_line_error, qtb, qtb_json, remove_attacker
 from simtools import Sim
 
 from qtb_pipe.actions import restore
@@ -33,15 +32,6 @@ def records(world: Sim) -> dict[str, dict]:
 
 def complete_ids(world: Sim) -> set[str]:
     return {r["id"] for r in qtb_json(world, "list")["snapshots"] if r["state"] == "complete"}
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
-    """The error: one line, the last on stderr (progress notes may come before it)."""
-    text = proc.stderr.decode()
-    assert proc.returncode == code, text
-    errors = [line for line in text.splitlines() if re.match(r"qtb-(pipe|adapter)( [a-z-]+)?: error", line)]
-    assert len(errors) == 1 and text.endswith(errors[0] + "\n") and "Traceback" not in text, text
-    return errors[0]
 
 
 @contextmanager

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import re
+import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import attacker
@@ -298,6 +301,42 @@ def test_vm_list_exclusions_and_skip_dom0_home(world: Sim, fresh_world: Sim, pas
     restored = fresh_world.digest()["qubes"]
     assert set(restored) == {"backup", "vault", "debian-12"}
     assert not list(fresh_world.dom0.joinpath("home/user").glob("home-restore-*"))
+    proc = restore(fresh_world, passphrase_file, stream, "--skip-conflicting", vms=("vault",))
+    assert proc.returncode == 0, proc.stderr.decode()
+    # naming qubes does not leave dom0's home out: only --skip-dom0-home does (docs/qubes-facts.md R4)
+    assert list(fresh_world.dom0.joinpath("home/user").glob("home-restore-*/dom0-home/user"))
+
+
+def test_a_dom0_user_name_mismatch_is_refused_unless_ignored_and_verify_only_skips_the_home(
+    world: Sim, tmp_path: Path, passphrase_file: Path
+):
+    """qvm_backup_restore.py handle_broken (~l.197-213, v4.4.0): only a restore of dom0's home is
+    refused; --verify-only goes on without the home (not good_to_go, so its data is not read)."""
+    stream = backup_to_dir(world, passphrase_file, vms=("vault", "dom0"))
+    other = make_world(tmp_path / "alice", "--bare", "--user", "alice")
+    proc = restore(other, passphrase_file, stream, vms=("dom0",))
+    assert proc.returncode == 1
+    assert b"*** Dom0 username mismatch! This can break some settings! ***" in proc.stderr
+    assert b"Skip restoring the dom0 home directory (--skip-dom0-home), or pass --ignore-username-" in (
+        proc.stderr
+    )
+    assert b"username in backup and dom0 mismatch" in proc.stdout
+    damaged = tmp_path / "damaged"  # its dom0-home chunk fails where read: here it is not
+    shutil.copyfile(stream, damaged)
+    with tarfile.open(stream, ignore_zeros=True) as tar:  # one archive per file
+        chunk = next(m for m in tar if m.name.startswith("dom0-home/") and m.name.endswith(".enc"))
+    with open(damaged, "r+b") as f:
+        f.seek(chunk.offset_data + chunk.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    assert restore(world, passphrase_file, damaged, "--verify-only", vms=("dom0",)).returncode == 1
+    proc = restore(other, passphrase_file, damaged, "--verify-only", vms=("dom0",))
+    assert proc.returncode == 0, proc.stderr.decode()
+    proc = restore(other, passphrase_file, stream, "--ignore-username-mismatch", vms=("dom0",))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"NOTE: The archived dom0 home directory will be restored to a new directory" in proc.stderr
+    assert list(other.dom0.joinpath("home/alice").glob("home-restore-*/dom0-home/user"))
 
 
 def test_init_is_deterministic_and_mutate_changes_content(tmp_path: Path):

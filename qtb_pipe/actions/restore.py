@@ -75,11 +75,12 @@ def fetch_manifest(
 
 
 def refuse_before_data(
-    entries: dict[str, QubeEntry], chosen: list[str], host: dict[str, qubes.QubeInfo], flags: RestoreFlags
+    entries: dict[str, QubeEntry], chunks: list[dict], chosen: list[str], host: dict, flags: RestoreFlags
 ) -> dict[str, str]:
     """What qvm-backup-restore would refuse, said before any data is read: a name that is taken, a
     template or (explicit) net qube neither here nor restored with them, which it marks broken (facts
-    §4; restore.py restore_info_verify). Returns the broken qubes (--skip-broken leaves them out)."""
+    §4; restore.py restore_info_verify), another user's dom0 home (handle_broken). Returns the broken
+    qubes (--skip-broken leaves them out)."""
     broken = {}
     for name in chosen:
         q = entries[name]
@@ -93,6 +94,15 @@ def refuse_before_data(
         raise QtbError(
             f"{'; '.join(broken.values())}: restore those first (restore --all does), or add --skip-broken "
             "or --ignore-missing (qvm-backup-restore refuses otherwise)",
+            EXIT_USAGE,
+        )
+    homes = [c["path"].split("/")[1] for c in chunks if c["path"].startswith("dom0-home/")]  # USER.000.enc
+    home_of = {h.rsplit(".", 2)[0] for h in homes}
+    home_as_asked = flags.verify_only or flags.skip_dom0_home or flags.ignore_username_mismatch
+    if "dom0" in chosen and not home_as_asked and home_of and (user := qubes.dom0_user()) not in home_of:
+        raise QtbError(  # qvm-backup-restore refuses it too, but only after the verify pass (R4)
+            f"dom0's home in this snapshot is {', '.join(home_of)}'s, and this dom0's user is {user}: add "
+            "--skip-dom0-home, or --ignore-username-mismatch to restore it into ~/home-restore-* anyway",
             EXIT_USAGE,
         )
     taken = [n for n in chosen if n in host and n != "dom0"]
@@ -130,6 +140,10 @@ def restore_pass(
     the chunks the shim accepted."""
     names = [name for name, q in found.qubes.items() if q.path in prefixes]
     action = "verify" if flags.verify_only else "restore"
+    if flags.verify_only:  # else qvm-backup-restore leaves another user's dom0 home unread (R4)
+        flags = replace(flags, ignore_username_mismatch=True)
+    if "dom0" in found.qubes and "dom0" not in names:  # a list of qubes does not leave it out (R4)
+        flags = replace(flags, skip_dom0_home=True)
     progress = Progress(action, names, as_json)
     run = Run()
     passphrase_file = str(run.create(secret))
@@ -230,7 +244,7 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
     if too_big := qubes.qubes_xml_too_big(found.chunks):  # it would fail, saying only "unexpected
         raise QtbError(f"snapshot {snapshot_id}: {too_big}")  # files in archive: got []" (R8)
     host = qubes.list_qubes()
-    broken = refuse_before_data(found.qubes, chosen, host, opts.flags)
+    broken = refuse_before_data(found.qubes, found.chunks, chosen, host, opts.flags)
     skip = ({"dom0"} if opts.flags.skip_dom0_home else set()) | (
         set(broken) if opts.flags.skip_broken else set()
     )
@@ -328,7 +342,8 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
     skip = {"dom0"} if opts.flags.skip_dom0_home else set()  # dom0's home: a snapshot of its own
     manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json, skip)
     entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
-    refuse_before_data(entries, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
+    chunks = [c for m in manifests.values() for c in m.chunks]
+    refuse_before_data(entries, chunks, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
     result: dict = {
         "engine": cfg.engine,
         "verified_only": opts.flags.verify_only,
