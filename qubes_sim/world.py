@@ -176,6 +176,7 @@ class World:
             PATH=":".join(parts),
             HOME=str(self.dom0_home),
             USER=self.user,
+            LOGNAME=self.user,  # getpass.getuser() reads it first (sudo and ssh set it)
             QUBES_SIM_DIR=str(self.root),
             QTB_PIPE_ROOT=str(self.dom0),
         )

@@ -96,20 +96,22 @@ def refuse_before_data(
             "or --ignore-missing (qvm-backup-restore refuses otherwise)",
             EXIT_USAGE,
         )
-    homes = [c["path"].split("/")[1] for c in chunks if c["path"].startswith("dom0-home/")]  # USER.000.enc
-    home_of = {h.rsplit(".", 2)[0] for h in homes}
-    home_as_asked = flags.verify_only or flags.skip_dom0_home or flags.ignore_username_mismatch
-    if "dom0" in chosen and not home_as_asked and home_of and (user := qubes.dom0_user()) not in home_of:
-        raise QtbError(  # qvm-backup-restore refuses it too, but only after the verify pass (R4)
-            f"dom0's home in this snapshot is {', '.join(home_of)}'s, and this dom0's user is {user}: add "
-            "--skip-dom0-home, or --ignore-username-mismatch to restore it into ~/home-restore-* anyway",
-            EXIT_USAGE,
-        )
     taken = [n for n in chosen if n in host and n != "dom0"]
     if taken and not (flags.verify_only or flags.rename_conflicting or flags.skip_conflicting):
         raise QtbError(
             f"{', '.join(taken)}: a qube of that name exists; remove it, or add --rename-conflicting or "
             "--skip-conflicting",
+            EXIT_USAGE,
+        )
+    homes = [c["path"].split("/")[1] for c in chunks if c["path"].startswith("dom0-home/")]  # USER.000.enc
+    home_of = {h.rsplit(".", 2)[0] for h in homes}
+    # paranoid mode restores no home; the tool refuses another user's too, but after the verify pass (R4)
+    home_as_asked = flags.verify_only or flags.skip_dom0_home or flags.ignore_username_mismatch
+    user = qubes.dom0_user()
+    if "dom0" in chosen and home_of and not (home_as_asked or flags.paranoid_mode) and user not in home_of:
+        raise QtbError(
+            f"dom0's home in this snapshot is {', '.join(home_of)}'s, and this dom0's user is {user}: "
+            "add --skip-dom0-home, or --ignore-username-mismatch to restore it into ~/home-restore-*",
             EXIT_USAGE,
         )
     return broken
@@ -142,8 +144,8 @@ def restore_pass(
     action = "verify" if flags.verify_only else "restore"
     if flags.verify_only:  # else qvm-backup-restore leaves another user's dom0 home unread (R4)
         flags = replace(flags, ignore_username_mismatch=True)
-    if "dom0" in found.qubes and "dom0" not in names:  # a list of qubes does not leave it out (R4)
-        flags = replace(flags, skip_dom0_home=True)
+    if "dom0-home/" not in prefixes and any(c["path"].startswith("dom0-home/") for c in found.chunks):
+        flags = replace(flags, skip_dom0_home=True)  # a list of qubes does not leave it out (R4)
     progress = Progress(action, names, as_json)
     run = Run()
     passphrase_file = str(run.create(secret))
@@ -249,7 +251,7 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
         set(broken) if opts.flags.skip_broken else set()
     )
     if opts.flags.skip_conflicting and not opts.flags.verify_only:
-        skip |= set(host)  # qubes skipped for a name conflict are not retrieved at all
+        skip |= set(host) - {"dom0"}  # skipped for a name conflict: not retrieved (dom0's home never is)
     prefixes = [found.qubes[n].path for n in chosen if n not in skip]
     if not prefixes:
         raise QtbError(f"nothing to restore: {', '.join(chosen)} skipped (names taken, or dom0's home)")
@@ -342,7 +344,7 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
     skip = {"dom0"} if opts.flags.skip_dom0_home else set()  # dom0's home: a snapshot of its own
     manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json, skip)
     entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
-    chunks = [c for m in manifests.values() for c in m.chunks]
+    chunks = [c for m in manifests.values() if "dom0" in m.qubes for c in m.chunks]  # its home's copy
     refuse_before_data(entries, chunks, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
     result: dict = {
         "engine": cfg.engine,
