@@ -140,7 +140,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
 def cmd_verify(args: argparse.Namespace) -> dict:
     args.qubes, args.qube = [], None
     result = _restore(args, True)
-    result["engine_check"] = manage.run_check(_config(args), args.read_data_subset)["adapter"]
+    result["check"] = manage.run_check(_config(args), args.read_data_subset)  # as `check --json` says it
     return result
 
 
@@ -149,12 +149,14 @@ def print_verify(result: dict) -> None:
     n = len(result["qubes"])
     scope = f"snapshot {result['snapshot']}" if result.get("snapshot") else f"the newest copy of {n} qube(s)"
     print(f"{scope}: every chunk authenticated against its sealed manifest; the engine check passed")
+    for warning in result["check"]["warnings"]:
+        ui.warn(warning)
 
 
 def print_check(result: dict) -> None:
     print(f"{result['engine']} repository check passed")
     for warning in result["warnings"]:
-        print(f"qtb-pipe: warning: {warning}", file=sys.stderr)
+        ui.warn(warning)
 
 
 class Parser(argparse.ArgumentParser):
@@ -375,7 +377,7 @@ def run_hooks(hooks: dict, stage: str, env: dict[str, str]) -> None:
     for command in hooks.get(stage, []):
         if why := proc.hook(command, env, hooks.get("timeout", 600)):
             if stage == "on_error":
-                print(f"qtb-pipe: warning: on_error hook {command!r} {why}", file=sys.stderr)
+                ui.warn(f"on_error hook {command!r} {why}")
                 continue
             raise QtbError(f"{stage} hook {command!r} {why}", EXIT_FAILED)
 

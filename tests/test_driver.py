@@ -109,11 +109,11 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert full["qubes"]["vault"]["status"] == "backed up" and full["qubes"]["vault"]["why"] == "--full"
     history = qtb_json(world, "list", "--qube", "work")
     listed = history["qubes"]
-    assert listed["work"]["copies"] == 2 and listed["work"]["latest"] == night["qubes"]["work"]["snapshot"]
+    assert listed["work"]["copies"] == 2 and listed["work"]["snapshot"] == night["qubes"]["work"]["snapshot"]
     assert [h["snapshot"] for h in listed["work"]["history"]][1] == backed_up.snapshots["work"]
     assert list(listed) == ["work"]  # only that qube, and only the snapshots that hold it
-    assert [r["id"] for r in history["snapshots"]] == [
-        r["id"] for r in qtb_json(world, "list")["snapshots"] if "work" in r["qubes"]
+    assert [r["snapshot"] for r in history["snapshots"]] == [
+        r["snapshot"] for r in qtb_json(world, "list")["snapshots"] if "work" in r["qubes"]
     ]
     # --as-of: the newest copies made by then; several --qube names, each from its own copy
     args = ("--qube", "work", "--qube", "vault", "--verify-only")
@@ -145,7 +145,7 @@ def test_progress_is_drawn_on_a_terminal(backed_up, engine):
     # not on a terminal (a timer's run, a pipe): no progress line at all
     piped = qtb(backed_up.world, "backup", "--full", "debian-12", env=small_chunks).stderr
     assert b"qtb-pipe: backing up debian-12" in piped and b"backup debian-12:" not in piped
-    snapshot = qtb_json(backed_up.world, "list")["qubes"]["debian-12"]["latest"]
+    snapshot = qtb_json(backed_up.world, "list")["qubes"]["debian-12"]["snapshot"]
     # restore and verify: the bytes of the chunks the shim accepted, once a second, for each pass
     # (they said nothing between "pass 1/2" and the end); a value above 0 shows it moves
     moving = r" +(?!0\.0%)[0-9]{1,3}\.[0-9]%  [0-9.]+ (B|KiB|MiB) \([0-9.]+ (B|KiB|MiB)/s\)"
@@ -197,7 +197,7 @@ def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up
     verify = qtb_json(world, "verify")
     assert set(verify["qubes"]) == set(ALL)
     assert all(q["ok"] and q["verified"] == q["chunks"] > 0 for q in verify["qubes"].values())
-    assert verify["engine_check"]["ok"] is True
+    assert verify["check"]["ok"] is True
     expected = world.digest("work")["qubes"]["work"]["files"]
     qtb(world, "restore", "--qube", "work", "--rename-conflicting", "--single-pass")
     assert world.digest("work-1")["qubes"]["work-1"]["files"] == expected  # as qvm-backup-restore names it
@@ -361,6 +361,9 @@ def test_another_users_dom0_home_is_said_before_any_data_is_read_and_verify_stil
     original = backed_up.world.digest("dom0")["dom0-home"]
     assert {p.relative_to(restored).as_posix() for p in restored.rglob("*") if p.is_file()} == set(original)
     assert all(hashlib.sha256((restored / rel).read_bytes()).hexdigest() == h for rel, h in original.items())
+    # --skip-conflicting skips qubes whose names are taken; dom0 is listed in every dom0, its home is not one
+    qtb(backed_up.world, "restore", "--qube", "dom0", "--skip-conflicting", "--single-pass")
+    assert list(backed_up.world.dom0_home.glob("home-restore-*/dom0-home/user"))
 
 
 @pytest.mark.parametrize("engine", ["restic"])
@@ -401,7 +404,7 @@ def test_failed_chunk_in_shim_blocks_that_qubes_commit_only(backed_up, engine):
     )
     assert b"1 qube(s) not backed up: personal" in proc.stderr
     latest = qtb_json(world, "list")["qubes"]
-    assert latest["personal"]["latest"] == backed_up.snapshots["personal"]  # nothing half-done recorded
+    assert latest["personal"]["snapshot"] == backed_up.snapshots["personal"]  # nothing half-done recorded
     assert qtb_json(world, "backup", "-x", "dom0")["qubes"]["personal"]["status"] == "backed up"
 
 
@@ -418,11 +421,11 @@ def test_adapter_dying_midway_leaves_no_complete_snapshot(backed_up, engine):
         f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
-    before = {s["id"] for s in snapshots(world)}
+    before = {s["snapshot"] for s in snapshots(world)}
     proc = qtb(world, "backup", "vault", check=False)
     assert proc.returncode == 1 and b"qvm-backup failed" in proc.stderr
     remove_attacker(world)
-    assert {s["id"] for s in snapshots(world)} == before
+    assert {s["snapshot"] for s in snapshots(world)} == before
     assert qtb_json(world, "backup", "vault")["qubes"]["vault"]["status"] == "backed up"
 
 
@@ -444,7 +447,9 @@ def test_a_killed_night_resumes_with_the_qubes_it_did_not_finish(backed_up, engi
     night.stderr.close()
     latest = qtb_json(world, "list")["qubes"]
     done = [
-        q for q in ("debian-12", "work", "personal", "vault") if latest[q]["latest"] != backed_up.snapshots[q]
+        q
+        for q in ("debian-12", "work", "personal", "vault")
+        if latest[q]["snapshot"] != backed_up.snapshots[q]
     ]
     assert done == ["debian-12", "work"]  # what finished stays committed
     resumed = qtb_json(world, "backup", "-x", "dom0")
@@ -555,7 +560,7 @@ def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
     latest = qtb_json(world, "list")["qubes"]
     assert set(latest) == set(ALL) and all(q["in_repository"] for q in latest.values())
     records = {p.stem.split("-", 1)[1] for p in (world.dom0 / "var/lib/qtb-pipe/snapshots").glob("*.json")}
-    assert records == {q["latest"] for q in latest.values()}  # dom0 forgets what was pruned
+    assert records == {q["snapshot"] for q in latest.values()}  # dom0 forgets what was pruned
     # qubes deleted from dom0 are no longer protected: their copies age out by the repository's
     # periods. Today is among the config's keep_daily 7 days, so they stay for now...
     qubes_xml = world.dom0 / "var/lib/qubes/qubes.xml"
@@ -570,7 +575,7 @@ def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
     # is the one period: theirs are older, they go
     off = ("--keep-daily", "0", "--keep-weekly", "0", "--keep-monthly", "0")
     dry = qtb_json(world, "prune", "--keep-last", "1", *off, "--dry-run")
-    assert sorted(dry["removed"]) == sorted(latest[name]["latest"] for name in gone)
+    assert sorted(dry["removed"]) == sorted(latest[name]["snapshot"] for name in gone)
     for name, q in dry["qubes"].items():
         assert q["exists_in_dom0"] is (name not in gone) and bool(q["remaining"]) is (name not in gone)
     text = qtb(world, "prune", "--keep-last", "1", *off, "--dry-run").stdout.decode()

@@ -31,7 +31,7 @@ def records(world: Sim) -> dict[str, dict]:
 
 
 def complete_ids(world: Sim) -> set[str]:
-    return {r["id"] for r in qtb_json(world, "list")["snapshots"] if r["state"] == "complete"}
+    return {r["snapshot"] for r in qtb_json(world, "list")["snapshots"] if r["state"] == "complete"}
 
 
 @contextmanager
@@ -170,7 +170,7 @@ def test_a_commit_without_a_record_is_shown_and_never_trusted(backed_up, engine)
     work = backed_up.snapshots["work"]
     next((world.dom0 / "var/lib/qtb-pipe/snapshots").glob(f"*-{work}.json")).unlink()
     listed = qtb_json(world, "list")
-    assert {r["id"]: r["dom0_record"] for r in listed["snapshots"]}[work] == "not recorded"
+    assert {r["snapshot"]: r["dom0_record"] for r in listed["snapshots"]}[work] == "not recorded"
     assert "work" not in listed["qubes"]  # dom0's catalog holds no copy of it
     assert "not recorded" in qtb(world, "list").stdout.decode()
     assert "dom0 has no record" in one_line_error(qtb(world, "restore", work, check=False), 5)
@@ -187,7 +187,7 @@ def test_prune_never_lets_an_unrecorded_snapshot_replace_a_qubes_recorded_copy(b
     result = qtb_json(world, "prune", "--keep-last", "1")
     assert recorded not in result["removed"] and result["qubes"]["work"]["remaining"] == [recorded]
     assert unrecorded in result["kept"]  # the newest run in the timeline: kept by the rules
-    assert qtb_json(world, "list")["qubes"]["work"]["latest"] == recorded
+    assert qtb_json(world, "list")["qubes"]["work"]["snapshot"] == recorded
     work = qtb_json(world, "verify", recorded)["qubes"]["work"]  # dom0 still restores from it
     assert work["verified"] == work["chunks"] > 0
 
@@ -200,12 +200,12 @@ def test_full_backup_qube_says_so_on_every_run(world: Sim, engine: str):
     with mounted(repo, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
         setup_qtb(world, engine, repo / "repo")
         for _ in range(2):  # the second run lost its reason before
-            before = {q: r["latest"] for q, r in qtb_json(world, "list")["qubes"].items()}
+            before = {q: r["snapshot"] for q, r in qtb_json(world, "list")["qubes"].items()}
             proc = qtb(world, "backup", "--json", "debian-12", "work", check=False)
             text = one_line_error(proc, 1)
             assert "ran out of space" in text, text
             failed = {q for q, r in json.loads(proc.stdout)["qubes"].items() if r["status"] == "failed"}
-            after = {q: r["latest"] for q, r in qtb_json(world, "list")["qubes"].items()}
+            after = {q: r["snapshot"] for q, r in qtb_json(world, "list")["qubes"].items()}
             assert failed and all(after.get(q) == before.get(q) for q in failed)  # no new copy of those
 
 
@@ -541,7 +541,7 @@ def test_a_prune_whose_answer_is_lost_has_its_records_forgotten_by_the_next(back
     remove_attacker(world)
     listed = qtb_json(world, "list")
     assert listed["qubes"]["work"]["copies"] == 3  # the records stay: dom0 was not told
-    present = {r["id"] for r in listed["snapshots"] if r["state"] == "complete"}
+    present = {r["snapshot"] for r in listed["snapshots"] if r["state"] == "complete"}
     lost = {r["id"] for r in records(world).values()} - present
     assert lost  # the real prune did remove old copies of work
     done = qtb_json(world, "prune", "--keep-last", "1")
@@ -555,7 +555,7 @@ def test_two_backups_at_once_both_commit_or_say_why(backed_up, engine):
     mutate(world, "work", "vault", seed=21)
     runs = {q: start(world, "backup", q, "--json") for q in ("work", "vault")}
     results = {q: (p.wait(), *p.communicate()) for q, p in runs.items()}
-    latest = {q: r["latest"] for q, r in qtb_json(world, "list")["qubes"].items()}
+    latest = {q: r["snapshot"] for q, r in qtb_json(world, "list")["qubes"].items()}
     for qube, (code, out, err) in results.items():
         if code == 0:
             assert latest[qube] == json.loads(out)["qubes"][qube]["snapshot"]

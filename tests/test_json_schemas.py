@@ -98,7 +98,7 @@ NEWEST = {
 VERIFIED = {  # a verify that passed: the repository check is there
     **{k: v for k, v in NEWEST.items() if k not in ("error", "exit_code", "hint")},
     "qubes": {"work": NEWEST["qubes"]["work"]},
-    "engine_check": {"ok": True},
+    "check": {"engine": "restic", "ok": True, "adapter": {"ok": True}, "warnings": []},
 }
 
 
@@ -118,7 +118,7 @@ def changed(answer: dict, path: str, value: object = KeyError) -> dict:
 
 def test_answers_the_code_gives_are_valid():
     assert problems("backup", RUN) == [] and problems("restore", NEWEST) == []
-    assert problems("verify", NEWEST) == []  # a partial failure of verify: no engine_check
+    assert problems("verify", NEWEST) == []  # a partial failure of verify: no check
     assert problems("verify", VERIFIED) == []
 
 
@@ -135,7 +135,8 @@ def test_answers_the_code_gives_are_valid():
         ("backup", RUN, "error", "half an error"),  # an error carries its exit code and hint
         ("restore", NEWEST, "qubes/vault/error", KeyError),  # a failed qube says why
         ("restore", NEWEST, "backup_id", "20261206T204345-1"),  # one shape or the other, not both
-        ("verify", VERIFIED, "engine_check", KeyError),  # a verify that passed ran the check
+        ("verify", VERIFIED, "check", KeyError),  # a verify that passed ran the check
+        ("verify", VERIFIED, "check/warnings", KeyError),  # the check's own shape
         ("restore", NEWEST, "qubes/work/ok", False),  # failed, and not why
     ],
 )

@@ -5,7 +5,6 @@ snapshot pending (never listed as complete)."""
 from __future__ import annotations
 
 import datetime
-import sys
 import time
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from ..errors import EXIT_FAILED, EXIT_QUBE, EXIT_SHIM, EXIT_USAGE, EXIT_VERIFY,
 from ..fingerprint import Unknown, domains, explicit, fingerprints
 from ..records import SnapshotRecord, catalog, check_records_writable, save_record
 from ..runs import Run, ShimRecord
-from ..ui import Progress, human_bytes, human_duration, info, short_id
+from ..ui import Progress, human_bytes, human_duration, info, short_id, warn
 
 TRAILER = shim.TRAILER_SIZE
 
@@ -268,7 +267,7 @@ def run_backup(
         stream_bytes=streamed, added_bytes=sum(added) if added else None, seconds=round(elapsed, 2)
     )
     for warning in [] if as_json else summary["warnings"]:  # not notes: -q shows them too
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     outcome = (f"{len(summary['snapshots'])} qube(s) backed up: {human_bytes(streamed)} streamed, "
                f"{human_bytes(summary['added_bytes'])} added, {human_duration(elapsed)}")  # fmt: skip
     if not as_json:

@@ -24,7 +24,8 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
         rec = records.get((cfg.engine, snap.id))
         # a snapshot whose id dom0 recorded with another backup is a warning sign
         mark = "not recorded" if rec is None else "yes" if rec.backup_id == snap.backup_id else "BAD"
-        rows.append({**snap.__dict__, "engine": cfg.engine, "dom0_record": mark})
+        fields = {k: v for k, v in snap.__dict__.items() if k != "id"}  # `snapshot`, as in every answer
+        rows.append({"snapshot": snap.id, **fields, "engine": cfg.engine, "dom0_record": mark})
     copies = catalog(cfg.engine)
     if qube is not None and qube not in copies:
         raise QtbError(f"dom0 has no copy of {qube} in {cfg.engine} (see qtb-pipe list)", EXIT_USAGE)
@@ -33,7 +34,7 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
     for name, recs in copies.items() if qube is None else [(qube, copies[qube])]:
         newest = recs[-1]
         per_qube[name] = {
-            "latest": newest.id,
+            "snapshot": newest.id,
             "time": newest.time,
             "age_seconds": int((now - datetime.datetime.fromisoformat(newest.time)).total_seconds()),
             "copies": len(recs),
@@ -53,20 +54,21 @@ def print_list(result: dict) -> None:
     if not result["qubes"] and not result["snapshots"]:
         print("no snapshots yet: run qtb-pipe backup")
         return
-    ids = [q["latest"] for q in result["qubes"].values()] + [r["id"] for r in result["snapshots"]]
+    ids = [q["snapshot"] for q in result["qubes"].values()] + [r["snapshot"] for r in result["snapshots"]]
     w = max([14, *(len(short_id(i)) for i in ids)])  # borg's archive names are long
     print(f"{'qube':<24} {'latest copy':<{w}} {'age':>8} {'copies':>6}")
     for name, q in sorted(result["qubes"].items()):
         gone = "" if q["in_repository"] else "  (not in the repository!)"
         age = human_duration(q["age_seconds"])
-        print(f"{name:<24} {short_id(q['latest']):<{w}} {age:>8} {q['copies']:>6}{gone}")
+        print(f"{name:<24} {short_id(q['snapshot']):<{w}} {age:>8} {q['copies']:>6}{gone}")
         for h in q.get("history", []):
             print(f"    {short_id(h['snapshot']):<{w}} {h['time']}{'' if h['in_repository'] else '  (gone)'}")
     print(f"\n{'snapshot':<{w}} {'time':<26} {'state':<9} {'stream':>10} {'added':>10}  {'dom0':<12} qubes")
     for r in result["snapshots"]:
         print(
-            f"{short_id(r['id']):<{w}} {r['time']:<26} {r['state']:<9} {human_bytes(r['stream_bytes']):>10} "
-            f"{human_bytes(r['added_bytes']):>10}  {r['dom0_record']:<12} {', '.join(r['qubes'])}"
+            f"{short_id(r['snapshot']):<{w}} {r['time']:<26} {r['state']:<9} "
+            f"{human_bytes(r['stream_bytes']):>10} {human_bytes(r['added_bytes']):>10}  "
+            f"{r['dom0_record']:<12} {', '.join(r['qubes'])}"
         )
 
 

@@ -6,13 +6,13 @@ import dataclasses
 import datetime
 import os
 import shlex
-import sys
 from pathlib import Path
 
 from .. import config, qubes, shim_install
 from ..adapter import Adapter
 from ..config import Config, config_path, load_config, load_secret, root, secret_path, write_private
 from ..errors import EXIT_CONFIG, EXIT_QUBE, EXIT_VERIFY, QtbError
+from ..ui import warn
 from .backup import plan_backup, planned, print_qubes, select_qubes
 from .restore import fetch_manifest
 
@@ -184,7 +184,7 @@ def run_config_check() -> dict:
 
 def print_init(result: dict) -> None:
     for warning in result["warnings"]:
-        print(f"qtb-pipe: warning: {warning}", file=sys.stderr)
+        warn(warning)
     if found := result["adapter"]:
         print(f"backup qube '{found['qube']}' answers: qtb-adapter {found['adapter']}, {found['engine']} "
               f"{found['engine_version']}")  # fmt: skip
