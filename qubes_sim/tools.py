@@ -33,6 +33,11 @@ def _read_passphrase(source: str | None, prompt: str, confirm: str | None) -> st
 
 
 OR_PASS = "Or pass: --skip-broken or --ignore-missing."
+CONFLICTING = (  # handle_broken ~l.139-153
+    "Remove VMs with conflicting names from the host before proceeding.\n"
+    "Or use --skip-conflicting to restore only those VMs that do not exist on the host.\n"
+    "Or use --rename-conflicting to restore those VMs under modified names (with numbers at the end)."
+)
 
 
 def _confirm(question: str) -> bool:
@@ -154,9 +159,10 @@ def qvm_backup_restore(argv: list[str]) -> int:
         None,
     )
 
-    def log(msg: str, logger: str | None = None) -> None:
-        # qubesadmin/log.py's console format is "%(name)s: %(message)s" for the library's loggers
-        print(f"{logger}: {msg}" if logger else msg, file=sys.stderr)
+    def log(msg: str, logger: str = "app") -> None:
+        # the tools' default verbosity enables qubesadmin/log.py's console format "%(name)s: %(message)s"
+        # at INFO (qubesadmin/tools/__init__.py ~l.381, ~l.440-445); the tool logs as "app" (app.py ~l.229)
+        print(f"{logger}: {msg}", file=sys.stderr)
 
     r = Restore(world, args.backup_vm, args.backup_location, passphrase, opts, log)
     try:
@@ -181,15 +187,30 @@ def qvm_backup_restore(argv: list[str]) -> int:
                 note = f" <-- Will be renamed to '{t.name}'"
             print(f"  {t.vm.name:<24} {t.vm.klass:<12}{note}")
         # qubesadmin/tools/qvm_backup_restore.py handle_broken (~l.113-213), also with --verify-only
-        if any("already-exists" in t.problems for t in plan) and not args.skip_conflicting:
+        if any("already-exists" in t.problems for t in plan):
             log("*** There are VMs with conflicting names on the host! ***")
-            raise SimError("Remove VMs with conflicting names from the host before proceeding.")
+            if not args.skip_conflicting:
+                raise SimError(CONFLICTING)
+            log("Those VMs will not be restored. The host VMs will NOT be overwritten.")
+        if opts.verify_only:
+            log("The above VM archive(s) will be verified.")
+            log("Existing VMs will NOT be removed or altered.")
+        else:
+            log("The above VMs will be copied and added to your system.")
+            log("Existing VMs will NOT be removed.")
         for problem, what in (("missing-template", "TemplateVMs"), ("missing-netvm", "NetVMs")):
             if any(problem in t.problems for t in plan):
                 log(f"*** One or more {what} are missing on the host! ***")
                 if not (args.skip_broken or args.ignore_missing):
                     # sic: no space after "restore." in qvm_backup_restore.py
                     raise SimError(f"Install them before proceeding with the restore.{OR_PASS}")
+                if args.skip_broken:
+                    log(f"Skipping broken entries: VMs that depend on missing {what} will NOT be restored.")
+                else:
+                    log(
+                        f"Ignoring missing entries: VMs that depend on missing {what} will have default "
+                        "value assigned."
+                    )
         # ~l.197-213: only when dom0's home is restored, not with --verify-only (which then skips the
         # home: a qube with a problem is not good_to_go); --ignore-username-mismatch set no problem
         if any(t.vm.name == "dom0" for t in plan) and not opts.verify_only:
