@@ -435,6 +435,7 @@ def write_results(
     memory: dict,
     quarter: list[Step],
     night: dict,
+    night_30: dict,
     formats: dict,
     load: dict,
 ) -> None:
@@ -449,6 +450,7 @@ def write_results(
         "shim_plan_stress": shim["plan_stress"],
         "memory_two_sizes": memory,
         "typical_night": night,
+        "typical_night_30_qubes": night_30,
         "inner_formats": formats,
         "many_nights": load,
     }
@@ -513,7 +515,7 @@ def write_results(
     from benchmarks.load import load_markdown
     from benchmarks.night import night_markdown
 
-    lines += night_markdown(night) + formats_markdown(formats) + load_markdown(load)
+    lines += night_markdown(night, night_30) + formats_markdown(formats) + load_markdown(load)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     charts(out_dir, steps)
 
@@ -666,9 +668,11 @@ def main(argv: list[str] | None = None) -> int:
         progress("restores")
         bench.restores()
         progress("a typical night")
-        from benchmarks.night import typical_night
+        from benchmarks.night import MORE_APPVMS, typical_night
 
         night = typical_night(work / "night", size, bench.env)
+        progress(f"the typical night on {MORE_APPVMS} more qubes")
+        night_30 = typical_night(work / "night-30", size, bench.env, 2 if args.smoke else MORE_APPVMS)
         progress("inner formats: LVM thin (qubes.tarwriter) and file pools (GNU tar)")
         from benchmarks.formats import inner_formats
 
@@ -716,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             "stream_note": "stream = uncompressed qvm-backup stream incl. the shim's 56-byte trailers",
         }
         shim = {"one_chunk": shim_results, "plan_stress": plan_stress}
-        write_results(out_dir, meta, bench.steps, shim, memory, quarter, night, formats, load)
+        write_results(out_dir, meta, bench.steps, shim, memory, quarter, night, night_30, formats, load)
         print(f"bench: results in {out_dir} ({meta['seconds']} s)", file=sys.stderr)
         return 0
     finally:

@@ -88,7 +88,7 @@ def _objects(answer: dict, key: str, command: str) -> list[dict]:
 
 @dataclass
 class Snapshot:
-    id: str
+    snapshot: str  # the wire's `id`, named as every dom0 answer names it
     state: str
     time: str
     backup_id: str | None
@@ -161,8 +161,11 @@ class Adapter:
                 isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in found["qubes"]
             ):
                 raise malformed("list")
-            out.append(Snapshot(**found))
+            out.append(Snapshot(found.pop("id"), **found))
         return out
+
+    def complete(self) -> list[Snapshot]:
+        return [s for s in self.snapshots() if s.state == "complete"]
 
     def pending_members(self, run_id: str) -> list[Member]:
         members = _objects(self._json("pending", "--run", run_id), "members", "pending")

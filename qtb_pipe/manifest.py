@@ -17,7 +17,8 @@ from .errors import EXIT_VERIFY, QtbError
 SEALED_PREFIX = b'{"manifest":'
 SEALED_SUFFIX_RE = re.compile(rb',"seal":"([0-9a-f]{64})"\}')
 SEALED_SUFFIX_SIZE = 75
-QUBE_PATH_RE = re.compile(r"vm[0-9]{1,5}/|dom0-home/")
+DOM0_HOME = "dom0-home/"  # dom0's home in the stream (qubesd puts it last)
+QUBE_PATH_RE = re.compile(rf"vm[0-9]{{1,5}}/|{DOM0_HOME}")
 QUBE_CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM", "AdminVM")
 
 
@@ -39,7 +40,7 @@ def seal(secret: bytes, manifest: dict[str, Any]) -> bytes:
 class QubeEntry:
     """A qube as the manifest records it: where its files are in the stream, and what it needs."""
 
-    path: str  # vm12/ or dom0-home/
+    path: str  # vm12/ or DOM0_HOME
     klass: str
     template: str | None
     netvm: str | None

@@ -33,14 +33,22 @@ LABEL_OF = {
     "vault": "black",
     "backup": "gray",
 }
-SOFTWARE = ("qtb-adapter", "restic")  # what the template "has installed", if present next to python
+SOFTWARE = ("qtb-adapter", "restic")
+
+
+def layout_with(appvms: int) -> list[tuple]:
+    """LAYOUT and `appvms` more AppVMs shaped like personal (app-1…): a system of more qubes, as the
+    benchmarks' night on 30 qubes needs."""
+    more = [(f"app-{i}", "AppVM", "debian-12", "sys-net", True, {"private": 1}) for i in range(1, appvms + 1)]
+    return LAYOUT + more  # what the template "has installed", if present next to python
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
     if root.exists() and any(root.iterdir()):
         raise SimError(f"{root} exists and is not empty; choose a new directory", 2)
-    base_total = sum(sum(v.values()) for *_, v in LAYOUT)
+    full_layout = layout_with(args.appvms)
+    base_total = sum(sum(v.values()) for *_, v in full_layout)
     scale = PROFILES[args.profile] if args.size_mib is None else args.size_mib / base_total
     dom0 = root / "dom0"
     for d in (
@@ -67,14 +75,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     (root / "world.json").write_text(json.dumps(state, indent=2) + "\n")
     write_tool_wrappers(root)
     qubes = {"dom0": Qube(qid=0, name="dom0", klass="AdminVM", label="black")}
-    layout = [x for x in LAYOUT if not args.bare or x[0] == "backup"]
+    layout = [x for x in full_layout if not args.bare or x[0] == "backup"]
     world = World(root)
     for qid, (name, klass, template, netvm, include, volumes) in enumerate(layout, start=1):
         q = Qube(
             qid=qid,
             name=name,
             klass=klass,
-            label=LABEL_OF[name],
+            label=LABEL_OF.get(name, "green"),
             template=template if not args.bare else None,
             netvm=netvm if not args.bare else "",
             include_in_backups=include,
@@ -220,6 +228,12 @@ def cmd_digest(args: argparse.Namespace) -> int:
     return 0
 
 
+def appvm_count(text: str) -> int:
+    if not text.isdigit() or int(text) > 200:
+        raise argparse.ArgumentTypeError(f"not a number from 0 to 200: {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qubes-sim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bare",
         action="store_true",
         help="a freshly installed system to restore into: dom0 and the backup qube only",
+    )
+    s.add_argument(
+        "--appvms",
+        type=appvm_count,
+        default=0,
+        metavar="N",
+        help="N more AppVMs like personal, app-1 to app-N (0 to 200; default 0)",
     )
     s.set_defaults(func=cmd_init)
     s = sub.add_parser("run", help="run a command in dom0 (default) or in a qube, with that side's PATH/HOME")

@@ -55,6 +55,9 @@ def test_bench_smoke_produces_complete_results(tmp_path: Path):
         small_own, small_whole = night["restore_small_own_copy"], night["restore_small_whole_system"]
         assert 0 < small_own["bytes_read"] < small_whole["bytes_read"], engine
     assert set(data["typical_night"]) == {"restic", "borg"}
+    for engine, night in data["typical_night_30_qubes"].items():  # the smoke's 2 more AppVMs: 7 units
+        assert night["full_same_state"]["units"] == 7 and "app-1" not in night["nightly"]["backed_up"], engine
+        assert night["full_same_state"]["units"] > data["typical_night"][engine]["full_same_state"]["units"]
     from benchmarks.formats import POOLS
 
     assert set(data["inner_formats"]) == set(POOLS)  # both inner formats, both engines, three steps

@@ -14,7 +14,12 @@ import pytest
 
 from qtb_pipe import proc, qubes
 from qtb_pipe.actions.backup import check_run
-from qtb_pipe.actions.restore import resolve_snapshot_id, restore_order, unpacker_refusal
+from qtb_pipe.actions.restore import (
+    refuse_another_users_home,
+    resolve_snapshot_id,
+    restore_order,
+    unpacker_refusal,
+)
 from qtb_pipe.adapter import Adapter, Member
 from qtb_pipe.config import (
     Config,
@@ -258,6 +263,23 @@ def test_restore_order_puts_templates_and_net_qube_chains_first():
         "a",
         "b",
     ]
+
+
+@pytest.mark.parametrize("backed_up_as", ["john.doe", "user"])
+def test_the_home_s_user_is_its_chunks_name_dots_and_all(monkeypatch, backed_up_as):
+    """dom0-home/USER.000 (the shim's chunk path): a user name may hold dots, the chunk number never."""
+    home = QubeEntry("dom0-home/", "AdminVM", None, None)
+    chunks = [{"path": f"dom0-home/{backed_up_as}.{n:03}", "size": 1, "tag": "0" * 64} for n in range(2)]
+    copy = Manifest(BID, "2026-11-24T01:02:03+00:00", "restic", {"dom0": home}, chunks, b"")
+    monkeypatch.setattr(qubes, "dom0_user", lambda: "john.doe")
+    if backed_up_as == "john.doe":
+        refuse_another_users_home([copy], ["dom0"], qubes.RestoreFlags())  # the same user: no refusal
+        return
+    with pytest.raises(QtbError, match=r"home in this snapshot is user.s, and this dom0.s user is john\.doe"):
+        refuse_another_users_home([copy], ["dom0"], qubes.RestoreFlags())
+    for flag in ("skip_dom0_home", "ignore_username_mismatch", "verify_only", "paranoid_mode"):
+        refuse_another_users_home([copy], ["dom0"], qubes.RestoreFlags(**{flag: True}))
+    refuse_another_users_home([copy], ["work"], qubes.RestoreFlags())  # the home is not restored
 
 
 def test_unpacker_refusal_counts_only_the_drivers_own_location():

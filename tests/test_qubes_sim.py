@@ -352,6 +352,25 @@ def test_init_is_deterministic_and_mutate_changes_content(tmp_path: Path):
     assert len(after["dom0-home"]) > len(before["dom0-home"])
 
 
+def test_more_appvms_share_the_same_size(tmp_path: Path):
+    """--appvms N (the benchmarks' night on 30 qubes): N more AppVMs like personal, in the same MiB."""
+    plain = make_world(tmp_path / "plain", "--size-mib", "16")
+    more = make_world(tmp_path / "more", "--size-mib", "16", "--appvms", "3")
+    rows = more.run("qvm-ls", "--raw-data", "--fields", "name,class,qid", check=True).stdout.decode().split()
+    apps = sorted(r for r in rows if r.startswith("app-"))
+    assert apps == ["app-1|AppVM|7", "app-2|AppVM|8", "app-3|AppVM|9"]
+    q = more.digest("app-2")["qubes"]["app-2"]
+    assert q["template"] == "debian-12" and "private.img" in q["files"]
+    assert more.run("qvm-prefs", "app-2", "netvm", check=True).stdout.strip() == b"sys-net"
+
+    def volumes(w: Sim) -> int:
+        return sum(f.stat().st_size for f in w.dom0.glob("var/lib/qubes/*/*/*.img"))
+
+    assert abs(volumes(more) - volumes(plain)) < 0.05 * volumes(plain)
+    proc = subprocess.run(["qubes-sim", "init", str(tmp_path / "x"), "--appvms", "201"], capture_output=True)
+    assert proc.returncode == 2 and b"not a number from 0 to 200: '201'" in proc.stderr
+
+
 @pytest.mark.slow
 def test_default_work_factor_is_qubesd_call(world: Sim, passphrase_file: Path):
     """With no test switch, chunks use scrypt's own default (~5 s, ~GBs per call)."""

@@ -114,7 +114,7 @@ def qube_entries(all_qubes: dict[str, qubes.QubeInfo], names: list[str]) -> dict
     settings = domains()
     return {
         name: manifest.QubeEntry(
-            "dom0-home/" if name == "dom0" else f"vm{all_qubes[name].qid}/",
+            manifest.DOM0_HOME if name == "dom0" else f"vm{all_qubes[name].qid}/",
             all_qubes[name].klass,
             explicit(settings.get(name), "template"),
             explicit(settings.get(name), "netvm"),

@@ -4,6 +4,7 @@ reports it (a snapshot dom0 has no record of is shown, never trusted)."""
 from __future__ import annotations
 
 import datetime
+from dataclasses import asdict
 
 from .. import qubes
 from ..adapter import SNAPSHOT_ID_RE, Adapter
@@ -18,14 +19,13 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     records = load_records()
     listed = adapter.snapshots()
-    present = {s.id for s in listed if s.state == "complete"}
+    present = {s.snapshot for s in listed if s.state == "complete"}
     rows = []
     for snap in listed:
-        rec = records.get((cfg.engine, snap.id))
+        rec = records.get((cfg.engine, snap.snapshot))
         # a snapshot whose id dom0 recorded with another backup is a warning sign
         mark = "not recorded" if rec is None else "yes" if rec.backup_id == snap.backup_id else "BAD"
-        fields = {k: v for k, v in snap.__dict__.items() if k != "id"}  # `snapshot`, as in every answer
-        rows.append({"snapshot": snap.id, **fields, "engine": cfg.engine, "dom0_record": mark})
+        rows.append({**asdict(snap), "engine": cfg.engine, "dom0_record": mark})
     copies = catalog(cfg.engine)
     if qube is not None and qube not in copies:
         raise QtbError(f"dom0 has no copy of {qube} in {cfg.engine} (see qtb-pipe list)", EXIT_USAGE)
@@ -83,7 +83,7 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
         )
     existing = set(qubes.list_qubes())
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
-    before = {s.id for s in adapter.snapshots() if s.state == "complete"}
+    before = {s.snapshot for s in adapter.complete()}
     noted = before if dry_run else begin_prune(cfg.engine, before)
     copies = catalog(cfg.engine)
     answer = adapter.prune(
@@ -96,7 +96,7 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
         raise QtbError("backup qube sent malformed data for `qtb-adapter prune`")
     removed = set(would)
     if not dry_run:  # what is gone is what the listing no longer shows
-        removed = end_prune(cfg.engine, noted, {s.id for s in adapter.snapshots() if s.state == "complete"})
+        removed = end_prune(cfg.engine, noted, {s.snapshot for s in adapter.complete()})
     remaining = {
         name: {"remaining": [r.id for r in recs if r.id not in removed], "exists_in_dom0": name in existing}
         for name, recs in copies.items()

@@ -15,7 +15,7 @@ from .. import manifest, proc, qubes, shim_install
 from ..adapter import Adapter, check_snapshot_id
 from ..config import Config, load_secret, root
 from ..errors import EXIT_FAILED, EXIT_SNAPSHOT, EXIT_USAGE, EXIT_VERIFY, PartialFailure, QtbError
-from ..manifest import Manifest, QubeEntry
+from ..manifest import DOM0_HOME, Manifest, QubeEntry
 from ..qubes import RestoreFlags
 from ..records import catalog, load_records
 from ..runs import Run
@@ -75,12 +75,11 @@ def fetch_manifest(
 
 
 def refuse_before_data(
-    entries: dict[str, QubeEntry], chunks: list[dict], chosen: list[str], host: dict, flags: RestoreFlags
+    entries: dict[str, QubeEntry], chosen: list[str], host: dict, flags: RestoreFlags
 ) -> dict[str, str]:
     """What qvm-backup-restore would refuse, said before any data is read: a name that is taken, a
     template or (explicit) net qube neither here nor restored with them, which it marks broken (facts
-    §4; restore.py restore_info_verify), another user's dom0 home (handle_broken). Returns the broken
-    qubes (--skip-broken leaves them out)."""
+    §4; restore.py restore_info_verify). Returns the broken qubes (--skip-broken leaves them out)."""
     broken = {}
     for name in chosen:
         q = entries[name]
@@ -103,18 +102,21 @@ def refuse_before_data(
             "--skip-conflicting",
             EXIT_USAGE,
         )
-    homes = [c["path"].split("/")[1] for c in chunks if c["path"].startswith("dom0-home/")]  # USER.000.enc
-    home_of = {h.rsplit(".", 2)[0] for h in homes}
-    # paranoid mode restores no home; the tool refuses another user's too, but after the verify pass (R4)
+    return broken
+
+
+def refuse_another_users_home(copies: list[Manifest], chosen: list[str], flags: RestoreFlags) -> None:
+    """The tool refuses another user's dom0 home after the verify pass (handle_broken): said before it."""
+    chunks = [c["path"] for m in copies for c in m.chunks if c["path"].startswith(DOM0_HOME)]
+    home_of = {path.split("/")[1].rsplit(".", 1)[0] for path in chunks}  # USER.000: USER may hold a dot
     home_as_asked = flags.verify_only or flags.skip_dom0_home or flags.ignore_username_mismatch
-    user = qubes.dom0_user()
+    user = qubes.dom0_user()  # (paranoid mode restores no home)
     if "dom0" in chosen and home_of and not (home_as_asked or flags.paranoid_mode) and user not in home_of:
         raise QtbError(
             f"dom0's home in this snapshot is {', '.join(home_of)}'s, and this dom0's user is {user}: "
             "add --skip-dom0-home, or --ignore-username-mismatch to restore it into ~/home-restore-*",
             EXIT_USAGE,
         )
-    return broken
 
 
 def bounds(plan: list[dict], prefixes: list[str]) -> tuple[int, int, int]:
@@ -123,8 +125,8 @@ def bounds(plan: list[dict], prefixes: list[str]) -> tuple[int, int, int]:
     chunk as sent, two more, 8 KiB of rounding per chunk and a MiB for the tool's own files, in at
     most two entries per chunk and 64 more."""
     sent = [c["size"] + shim.TRAILER_SIZE for c in plan]
-    home = sum(c["size"] for c in plan if c["path"].startswith("dom0-home/"))
-    largest = max([*sent, home if "dom0-home/" in prefixes else 0])
+    home = sum(c["size"] for c in plan if c["path"].startswith(DOM0_HOME))
+    largest = max([*sent, home if DOM0_HOME in prefixes else 0])
     return largest, sum(sent) + 2 * max(sent) + 8192 * len(sent) + (1 << 20), 2 * len(sent) + 64
 
 
@@ -144,7 +146,7 @@ def restore_pass(
     action = "verify" if flags.verify_only else "restore"
     if flags.verify_only:  # else qvm-backup-restore leaves another user's dom0 home unread (R4)
         flags = replace(flags, ignore_username_mismatch=True)
-    if "dom0-home/" not in prefixes and any(c["path"].startswith("dom0-home/") for c in found.chunks):
+    if DOM0_HOME not in prefixes and any(c["path"].startswith(DOM0_HOME) for c in found.chunks):
         flags = replace(flags, skip_dom0_home=True)  # a list of qubes does not leave it out (R4)
     progress = Progress(action, names, as_json)
     run = Run()
@@ -246,7 +248,8 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
     if too_big := qubes.qubes_xml_too_big(found.chunks):  # it would fail, saying only "unexpected
         raise QtbError(f"snapshot {snapshot_id}: {too_big}")  # files in archive: got []" (R8)
     host = qubes.list_qubes()
-    broken = refuse_before_data(found.qubes, found.chunks, chosen, host, opts.flags)
+    broken = refuse_before_data(found.qubes, chosen, host, opts.flags)
+    refuse_another_users_home([found], chosen, opts.flags)
     skip = ({"dom0"} if opts.flags.skip_dom0_home else set()) | (
         set(broken) if opts.flags.skip_broken else set()
     )
@@ -290,14 +293,14 @@ def latest_copies(
     found: dict[str, Manifest] = {}
     failed: dict[str, tuple[list[str], QtbError]] = {}
     if new_system:
-        for snap in (s for s in adapter.snapshots() if s.state == "complete"):
+        for snap in adapter.complete():
             try:
-                m = found[snap.id] = fetch_manifest(adapter, snap.id, secret, True, True)
+                m = found[snap.snapshot] = fetch_manifest(adapter, snap.snapshot, secret, True, True)
             except QtbError as e:  # what it holds is unknown until it verifies: it is reported
-                failed[snap.id] = ([], e)
+                failed[snap.snapshot] = ([], e)
                 continue
             for qube in m.qubes if as_of is None or m.created <= as_of else ():
-                newest[qube] = max(newest.get(qube, ("", "")), (m.created, snap.id))
+                newest[qube] = max(newest.get(qube, ("", "")), (m.created, snap.snapshot))
     else:
         newest = {qube: (recs[-1].time, recs[-1].id) for qube, recs in catalog(cfg.engine, as_of).items()}
     if not newest:
@@ -344,8 +347,8 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
     skip = {"dom0"} if opts.flags.skip_dom0_home else set()  # dom0's home: a snapshot of its own
     manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json, skip)
     entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
-    chunks = [c for m in manifests.values() if "dom0" in m.qubes for c in m.chunks]  # its home's copy
-    refuse_before_data(entries, chunks, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
+    refuse_before_data(entries, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
+    refuse_another_users_home(list(manifests.values()), list(entries), opts.flags)
     result: dict = {
         "engine": cfg.engine,
         "verified_only": opts.flags.verify_only,

@@ -99,7 +99,7 @@ def key_opens_newest(cfg: Config, secret: str) -> str | None:
     returns that snapshot, None when nothing could be fetched (a repository not set up yet)."""
     adapter = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command)
     try:
-        newest = max((s for s in adapter.snapshots() if s.state == "complete"), key=lambda s: s.time).id
+        newest = max(adapter.complete(), key=lambda s: s.time).snapshot
         fetch_manifest(adapter, newest, secret, True, True)  # and against dom0's record, if it has one
     except ValueError:  # no complete snapshot
         return None
