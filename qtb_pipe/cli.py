@@ -13,11 +13,11 @@ from typing import NoReturn
 
 from scrypt_shim.shim import SHIM_VERSION
 
-from . import __version__, errors, proc, ui
+from . import __version__, errors, proc, qubes, ui
 from .actions import manage, setup
-from .actions.backup import run_backup
+from .actions.backup import run_backup, select_qubes
 from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
-from .adapter import Adapter
+from .adapter import Adapter, check_snapshot_id
 from .config import ENGINES, RETENTION_KEYS, load_config, root
 from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_SHIM, EXIT_USAGE, HINTS, PartialFailure, QtbError
 from .qubes import RestoreFlags
@@ -107,8 +107,6 @@ def _restore(args: argparse.Namespace, verify_only: bool) -> dict:
     flags = RestoreFlags(verify_only=verify_only, **{k: getattr(args, k, False) for k in RESTORE_FLAGS})
     single_pass = getattr(args, "single_pass", False)
     opts = RestoreOptions(args.snapshot, args.qubes, flags, single_pass, args.new_system, args.json)
-    if args.snapshot == "latest":  # restic's name for the newest snapshot: here, one run's qubes only
-        raise QtbError("no snapshot 'latest': use --all (each qube's newest copy) or --qube NAME", EXIT_USAGE)
     if args.snapshot is not None:
         return run_restore(_config(args), opts)
     return run_restore_latest(_config(args), opts, args.qube or [], _as_of(getattr(args, "as_of", None)))
@@ -130,6 +128,11 @@ def _as_of(text: str | None) -> str | None:
 
 
 def cmd_restore(args: argparse.Namespace) -> dict:
+    if args.snapshot == "latest":  # restic's newest snapshot; here each (named) qube's newest copy
+        args.snapshot, args.qube, args.qubes = None, (args.qube or []) + args.qubes, []
+        args.all = args.all or not args.qube
+    if args.all and args.qube:
+        raise QtbError("--all or --qube NAME, not both", EXIT_USAGE)
     if (args.snapshot is None) == (not (args.all or args.qube)):
         raise QtbError("say what to restore: SNAPSHOT [QUBE...], --all, or --qube NAME", EXIT_USAGE)
     if args.snapshot is None and args.qubes:
@@ -138,7 +141,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
 
 
 def cmd_verify(args: argparse.Namespace) -> dict:
-    args.qubes, args.qube = [], None
+    args.snapshot, args.qubes, args.qube = None if args.snapshot == "latest" else args.snapshot, [], None
     result = _restore(args, True)
     result["check"] = manage.run_check(_config(args), args.read_data_subset)  # as `check --json` says it
     return result
@@ -211,13 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(
         "init",
-        lambda a: setup.run_init(a.backup_qube, a.engine or "restic", a.force, a.recovery_key),
+        lambda a: setup.run_init(a.backup_qube, a.engine, a.force, a.recovery_key),
         "write the dom0 config and generate the backup secret (shown once as a recovery key)",
         show=setup.print_init,
         engine=False,
     )
-    s.add_argument("--backup-qube", default="backup", help="the qube that runs qtb-adapter (default: backup)")
-    s.add_argument("--engine", choices=ENGINES, help="default engine (default: restic)")
+    s.add_argument(
+        "--backup-qube", help="the qube that runs qtb-adapter (at first: backup; a re-run keeps it)"
+    )
+    s.add_argument("--engine", choices=ENGINES, help="default engine (at first: restic; a re-run keeps it)")
     s.add_argument("--force", action="store_true", help="replace an existing secret and config")
     s.add_argument("--recovery-key", help="restore the secret from a recovery key instead of generating one")
 
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("qubes", nargs="*", metavar="QUBE")
     s.add_argument("-x", "--exclude", action="append", default=[], metavar="QUBE")
     s.add_argument("--full", action="store_true", help="back up every selected qube, changed or not")
-    s.add_argument("--dry-run", action="store_true", help="say what would be backed up and why")
+    s.add_argument("--dry-run", action="store_true", help="say what would be backed up, why, and how much")
 
     s = add(
         "restore",
@@ -280,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reported and the others still restore.",
         show=print_report,
     )
-    s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="snapshot id, see qtb-pipe list")
+    s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="id (see list); latest: newest copies")
     s.add_argument("qubes", nargs="*", metavar="QUBE", help="restore only these of SNAPSHOT (default: all)")
     s.add_argument("--all", action="store_true", help="every qube, from its newest copy")
     s.add_argument("--qube", action="append", metavar="NAME", help="this qube's newest copy (repeatable)")
@@ -312,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot; then the engine's check",
         show=print_verify,
     )
-    s.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="default: the newest copy of every qube")
+    s.add_argument(
+        "snapshot", nargs="?", metavar="SNAPSHOT", help="default, latest: every qube's newest copy"
+    )
     s.add_argument(
         "--read-data-subset", metavar="N%|n/t", type=data_subset, help="also read this part of the data"
     )
@@ -356,7 +363,12 @@ def run_hooked(args: argparse.Namespace) -> dict:
     `on_error` runs when it or a hook failed (its own failure is only said), `after` on success."""
     if args.command not in HOOKED or getattr(args, "dry_run", False):
         return args.func(args)
-    hooks, env = load_config().hooks, {"QTB_PIPE_COMMAND": args.command}
+    cfg = load_config()
+    if getattr(args, "snapshot", None) not in (None, "latest"):  # argument errors come before any hook
+        check_snapshot_id(args.snapshot)
+    if args.command == "backup":
+        select_qubes(cfg, qubes.list_qubes(), args.qubes, args.exclude)  # names it does not know
+    hooks, env = cfg.hooks, {"QTB_PIPE_COMMAND": args.command}
     result = None
     try:
         run_hooks(hooks, "before", env)

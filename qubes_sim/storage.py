@@ -18,6 +18,7 @@ Emulator's own choice: two commits of one LVM volume in the same second get ids 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -260,6 +261,10 @@ def qvm_pool(argv: list[str]) -> int:
         if name not in POOLS:
             raise SimError(f"no such pool: '{name}'", 2)
         rows += [("", "")] if index else []
-        rows += [("name", name)] + [(k, str(v)) for k, v in sorted(POOLS[name].items())]
+        # qubesd's admin.pool.Info appends the pool's size and usage (facts V2), which the tool prints
+        # among its settings; here the file system the world lives on stands for the pool
+        fs = os.statvfs(World.current().root)
+        usage = {"size": fs.f_blocks * fs.f_frsize, "usage": (fs.f_blocks - fs.f_bfree) * fs.f_frsize}
+        rows += [("name", name)] + [(k, str(v)) for k, v in sorted({**POOLS[name], **usage}.items())]
     print(_table(rows))
     return 0

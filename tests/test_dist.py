@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -128,3 +129,46 @@ def test_the_scheduled_jobs_units_pass_systemd_analyze_verify(tmp_path: Path):
         ["systemd-analyze", "verify", *sorted(map(str, instances.iterdir()))], capture_output=True, text=True
     )
     assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+
+
+def test_the_failure_notice_goes_through_the_users_session_bus_not_a_display(tmp_path: Path):
+    """12.6: notify-failure reaches the dom0 user's session by its bus (/run/user/UID/bus), whatever
+    the display is called; nothing on success or without a session. The system's `id`, `runuser` and
+    `notify-send` are stubs on PATH that record how they were called."""
+    uid = 4000000 + (tmp_path.stat().st_ino % 99999)  # a uid no session has
+    stubs, log = tmp_path / "bin", tmp_path / "calls"
+    stubs.mkdir()
+    for name, body in (("id", f"echo {uid}"), ("runuser", f'printf "%s\\n" "$@" > {log}; env >> {log}')):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    script = TOP / "packaging/dom0/notify-failure"
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "SERVICE_RESULT": "exit-code", "EXIT_STATUS": "5"}
+
+    def notify(**extra: str) -> subprocess.CompletedProcess:
+        log.unlink(missing_ok=True)
+        return subprocess.run(
+            ["sh", str(script), "alice", "verify"], env={**env, **extra}, capture_output=True
+        )
+
+    assert notify().returncode == 0 and not log.exists()  # no session bus: the journal has it
+    bus_dir = Path(f"/run/user/{uid}")
+    bus_dir.mkdir(parents=True)
+    try:
+        with socket.socket(socket.AF_UNIX) as bus:
+            bus.bind(str(bus_dir / "bus"))
+            assert notify(SERVICE_RESULT="success").returncode == 0 and not log.exists()
+            assert notify(DISPLAY=":7").returncode == 0
+    finally:
+        (bus_dir / "bus").unlink(missing_ok=True)
+        bus_dir.rmdir()
+    argv = log.read_text().splitlines()
+    assert (
+        argv[:4] == ["-u", "alice", "--", "env"]
+        and f"DBUS_SESSION_BUS_ADDRESS=unix:path={bus_dir}/bus" in argv
+    )
+    assert (
+        "notify-send" in argv
+        and "qtb-pipe verify failed" in argv
+        and "Result: exit-code (5)." in log.read_text()
+    )
+    assert not any(a.startswith("DISPLAY=") for a in argv[: argv.index("notify-send")])  # none set by it

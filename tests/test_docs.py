@@ -68,3 +68,28 @@ def test_troubleshooting_rows_quote_messages_the_code_still_says():
                 part = part.strip(" ,:/.")
                 if len(part) >= 5:
                     assert part in source, (part, row)
+
+
+def test_the_readme_states_the_versions_the_code_supports():
+    """12.1: what the README says it is written for is what the code refuses outside of (the
+    adapter's engine bounds, pyproject's Python) and what `make test` runs (the setup's engines)."""
+    from qtb_adapters.borg import BorgEngine
+    from qtb_adapters.restic import ResticEngine
+    from test_adapter_engines import VERSIONED_BINARIES
+
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"\*\*What it is written for\.\*\*(.+?)\n\n", readme, re.S)[1].replace("\n", " ")
+
+    def dotted(version: tuple[int, ...]) -> str:
+        return ".".join(map(str, version)).removesuffix(".0")
+
+    assert f"restic >= {dotted(ResticEngine.minimum_version)} " in stated
+    assert (
+        f"borg {dotted(BorgEngine.minimum_version)} up to, not including, {BorgEngine.below_version[0]} "
+        in stated
+    )
+    python = re.search(r'requires-python = ">=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert f"Python >= {python} " in stated
+    tested = dict(re.findall(r"(restic|borg) ([0-9.]+ and [0-9.]+)", stated))  # oldest and newest run
+    for _, binary, version in VERSIONED_BINARIES.values():  # restic-0.14, borg-1.4 (make setup)
+        assert version.rstrip(".") in tested[binary.split("-")[0]].split(" and "), (binary, tested)

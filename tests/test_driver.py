@@ -32,6 +32,7 @@ from drivertools import (
 from simtools import FAST_ENV, Sim, make_world
 
 import qtb_pipe
+from qtb_pipe.ui import human_bytes
 from scrypt_shim.shim import SHIM_VERSION
 
 __all__ = ["rclone_rest_server", "sshd_server"]  # fixtures, found by pytest here
@@ -51,6 +52,13 @@ def test_whole_system_restores_from_each_qubes_newest_copy_onto_a_fresh_system(
     kit = qtb_json(world, "recovery-kit")
     assert kit["repository"] == str(backed_up.repo) and (kit["key_export"] is not None) == (engine == "borg")
     assert kit["recovery_key"] in kit["sheet"] and kit["password"] in kit["sheet"]
+    # step 3 names the flags the new system may need (used below, as the refusal there says)
+    assert "--ignore-missing" in kit["sheet"] and "--skip-conflicting" in kit["sheet"]
+    # -o FILE: the sheet in a file only its owner reads, and nothing secret on the terminal
+    sheet = world.root.parent / "recovery-sheet.txt"
+    said = qtb(world, "recovery-kit", "-o", str(sheet)).stdout.decode()
+    assert said == f"wrote the recovery sheet to {sheet} (mode 0600)\n" and kit["recovery_key"] not in said
+    assert sheet.stat().st_mode & 0o777 == 0o600 and kit["recovery_key"] in sheet.read_text()
     adapter_init(fresh_world, kit["engine"], kit["repository"], password=kit["password"])
     key = kit["recovery_key"]
     mistyped = key[:3] + ("1" if key[3] != "1" else "2") + key[4:]
@@ -103,8 +111,13 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert {q: checked[q] for q in plan["qubes"]} == plan["qubes"]
     assert checked["vault"]["why"].startswith(f"unchanged since {backed_up.snapshots['vault'][:12]}")
     assert len(snapshots(world)) == len(backed_up.snapshots) + 1  # a dry run changes nothing
+    text = qtb(world, "backup", "--dry-run", "-x", "dom0").stdout.decode()
     night = qtb_json(world, "backup", "-x", "dom0")
     assert [q for q, r in night["qubes"].items() if r["status"] == "backed up"] == ["work"]
+    # the estimate: work's newest copy (a run of its own) streamed what tonight's run then streams
+    estimate, streamed = plan["qubes"]["work"]["estimated_bytes"], night["qubes"]["work"]["stream_bytes"]
+    assert abs(estimate - streamed) < 0.1 * streamed
+    assert f"(about {human_bytes(estimate)})" in text and f"about {human_bytes(estimate)} to stream\n" in text
     full = qtb_json(world, "backup", "--full", "vault")
     assert full["qubes"]["vault"]["status"] == "backed up" and full["qubes"]["vault"]["why"] == "--full"
     history = qtb_json(world, "list", "--qube", "work")
@@ -136,7 +149,8 @@ def test_progress_is_drawn_on_a_terminal(backed_up, engine):
     env = {k: v for k, v in {**os.environ, **FAST_ENV, **QTB_ENV, **small_chunks}.items() if v is not None}
     argv = ["run", str(backed_up.world.root), "--", "qtb-pipe", "backup", "--full", "debian-12"]
     child = pexpect.spawn("qubes-sim", argv, env=env, timeout=120)
-    child.expect(r"\rbackup debian-12: +[0-9]{1,3}\.[0-9]%  [0-9.]+ (B|KiB|MiB) \([0-9.]+ (B|KiB|MiB)/s\)")
+    bytes_rate = r"[0-9.]+ (B|KiB|MiB) \([0-9.]+ (B|KiB|MiB)/s\)"
+    child.expect(r"\rbackup debian-12: +[0-9]{1,3}\.[0-9]%  " + bytes_rate + r"  ETA [0-9]+(s|m[0-9]{2}s)")
     child.expect(r"\r\x1b\[K")  # the line is cleared when the qube is done
     child.expect(r"1 qube\(s\) backed up: ")
     child.expect(pexpect.EOF)
@@ -185,11 +199,35 @@ def test_progress_off_a_terminal_when_asked(backed_up, engine):
     assert progress and all(p["action"] == "backup" and p["qubes"] == ["debian-12"] for p in progress)
     done = [p["bytes_done"] for p in progress]
     assert done == sorted(done) and done[-1] > 0  # the bytes the shim passed, growing
+    assert any(p["eta_seconds"] is not None for p in progress)  # an ETA while under way
     assert result["qubes"]["debian-12"]["status"] == "backed up" and "message_type" not in result
     snapshot = result["qubes"]["debian-12"]["snapshot"]
+    proc = qtb(world, "verify", snapshot, "--json", "--progress", env=small_chunks)
+    *progress, result = (json.loads(line) for line in proc.stdout.decode().splitlines())
+    assert progress and all(p["action"] == "verify" and p["qubes"] == ["debian-12"] for p in progress)
+    assert progress[-1]["bytes_done"] > 0 and result["qubes"]["debian-12"]["verified"] > 0
     text = qtb(world, "verify", snapshot, "--progress").stderr.decode()
     assert re.search(r"^verify debian-12: +[0-9.]+%  [0-9.]+ (B|KiB|MiB) \(", text, re.M), text
     assert "\r" not in text  # lines, not a terminal's redrawn line
+
+
+def test_list_text_is_in_columns(backed_up, engine):
+    """12.7: `list` aligned: every row's values start (left-aligned columns) or end (right-aligned
+    ones) where their heading does, in both tables, borg's long archive names included."""
+    text = qtb(backed_up.world, "list").stdout.decode()
+    tables = [t.splitlines() for t in text.strip("\n").split("\n\n")]
+    columns = [
+        {"latest copy": "<", "age": ">", "copies": ">"},
+        {"time": "<", "state": "<", "stream": ">", "added": ">", "dom0": "<", "qubes": "<"},
+    ]
+    for table, heads in zip(tables, columns, strict=True):
+        header, rows = table[0], [r for r in table[1:] if not r.startswith("    ")]
+        assert len(rows) >= len(ALL)
+        for head, align in heads.items():
+            at = header.index(head) + (0 if align == "<" else len(head) - 1)
+            edge = at - 1 if align == "<" else at + 1
+            for row in rows:
+                assert row[at] != " " and (edge >= len(row) or row[edge] == " "), (head, row, header)
 
 
 def test_verify_covers_every_qube_and_restores_one_qube_next_to_itself(backed_up, engine):
@@ -463,11 +501,15 @@ def test_bad_input_one_line_errors(tmp_path: Path, world: Sim):
     assert proc.returncode == 3 and proc.stderr.count(b"\n") == 1 and b"qtb-pipe init" in proc.stderr
     setup_qtb(world, "restic", world.qube_home("backup") / "repo")
     snap = qtb_json(world, "backup", "vault")["qubes"]["vault"]["snapshot"]
+    # restic's `latest`: here each qube's newest copy (restore latest = --all, latest QUBE = --qube QUBE)
+    newest = qtb_json(world, "restore", "latest", "vault", "--verify-only")
+    assert list(newest["qubes"]) == ["vault"] and newest["qubes"]["vault"]["snapshot"] == snap
+    assert list(qtb_json(world, "verify", "latest")["qubes"]) == ["vault"]
     cases = [
         (("restore", "doesnotexist"), 4),
         (("restore", "bad id!"), 2),
-        (("restore", "latest"), 2),  # says --all / --qube: a snapshot here is one run's qubes
-        (("verify", "latest"), 2),
+        (("restore", "latest", "vault", "--all"), 2),  # latest QUBE is --qube QUBE
+        (("restore", "--all", "--qube", "vault"), 2),
         (("check", "--read-data-subset", "150%"), 2),  # said before the engine is asked
         (("verify", "--read-data-subset", "0/5"), 2),
         (("restore",), 2),
@@ -580,6 +622,7 @@ def test_retention_per_qube_never_removes_a_qubes_only_copy(backed_up, engine):
         assert q["exists_in_dom0"] is (name not in gone) and bool(q["remaining"]) is (name not in gone)
     text = qtb(world, "prune", "--keep-last", "1", *off, "--dry-run").stdout.decode()
     assert "personal" in text and "deleted from dom0: its copies age out by the rules" in text
+    assert all(f"would remove: {snapshot}\n" in text for snapshot in dry["removed"])  # the ids (12.7)
     assert qtb_json(world, "check")["ok"]
 
 
@@ -602,7 +645,8 @@ def test_config_check_fails_where_backup_would_refuse(world: Sim):
     assert proc.returncode == 3 == result["exit_code"]
     assert result["errors"] == ["nosuch is in the config but no such qube exists"]
     assert result["included"] == ["work"]  # what backup would use
-    assert result["qubes"] == {"work": {"status": "to back up", "why": "no copy yet"}}
+    plan = {"status": "to back up", "why": "no copy yet", "estimated_bytes": None}  # no copy: no estimate
+    assert result["qubes"] == {"work": plan}
     assert qtb(world, "backup", check=False).returncode == 2  # which backup indeed refuses
     config.write_text(config.read_text().replace('backup_qube = "backup"', 'backup_qube = "backpu"'))
     proc = qtb(world, "config", "check", check=False)
@@ -670,6 +714,12 @@ def test_init_checks_the_backup_qube_and_a_second_init_keeps_the_secret(world: S
     assert again["secret_kept"] is True and again["recovery_key"] is None and first["recovery_key"]
     assert (world.dom0 / "etc/qtb-pipe/secret").read_bytes() == secret
     assert 'engine = "borg"' in config.read_text() and 'exclude = ["personal"]' in config.read_text()
+    # a re-run changes what it is given and nothing else (the defaults are for the first run only)
+    qtb_json(world, "init", "--backup-qube", "vault")
+    assert 'engine = "borg"' in config.read_text() and 'backup_qube = "vault"' in config.read_text()
+    qtb_json(world, "init", "--engine", "restic")
+    assert 'engine = "restic"' in config.read_text() and 'backup_qube = "vault"' in config.read_text()
+    qtb_json(world, "init", "--backup-qube", "backup")
     proc = qtb(world, "init", "--backup-qube", "backup", "--recovery-key", first["recovery_key"], check=False)
     assert proc.returncode == 3 and b"--force" in proc.stderr  # replacing the secret needs --force
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import replace
@@ -15,7 +16,9 @@ import pytest
 from qtb_pipe import proc, qubes
 from qtb_pipe.actions.backup import check_run
 from qtb_pipe.actions.restore import (
+    UNPACKER_MARGIN,
     refuse_another_users_home,
+    refuse_short_of_space,
     resolve_snapshot_id,
     restore_order,
     unpacker_refusal,
@@ -282,6 +285,25 @@ def test_the_home_s_user_is_its_chunks_name_dots_and_all(monkeypatch, backed_up_
     refuse_another_users_home([copy], ["work"], qubes.RestoreFlags())  # the home is not restored
 
 
+def test_a_restore_dom0_s_home_has_no_room_for_is_said_before_any_data(monkeypatch, tmp_path):
+    """The unpacker waits without a timeout below its largest file + 500 MiB free (facts R1), and a
+    restored home needs its own size there too: measured on the real file system of $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    free = shutil.disk_usage(tmp_path).free
+    if free < 2 * UNPACKER_MARGIN:
+        pytest.skip("too little free space here to tell the cases apart")
+    volume = [{"path": "vm3/private.img.000", "size": 1 << 20, "tag": "0" * 64}]
+    home = [{"path": f"dom0-home/user.{n:03}", "size": free // 8, "tag": "0" * 64} for n in range(8)]
+    verify, restore = qubes.RestoreFlags(verify_only=True), qubes.RestoreFlags()
+    refuse_short_of_space(volume + home, verify)  # a verify pass: one chunk at a time, no home
+    with pytest.raises(QtbError, match=r"this restore needs .* there \(the largest chunk, the 500 MiB the"):
+        refuse_short_of_space(volume + home, restore)
+    refuse_short_of_space(volume + home, qubes.RestoreFlags(paranoid_mode=True))  # in a disposable
+    huge = [{"path": "vm3/private.img.000", "size": free - UNPACKER_MARGIN // 2, "tag": "0" * 64}]
+    with pytest.raises(QtbError, match=f"free space in {tmp_path}, or restore fewer qubes"):
+        refuse_short_of_space(huge, verify)
+
+
 def test_unpacker_refusal_counts_only_the_drivers_own_location():
     """The location is dom0's own command; the backup qube's stderr comes after it on that line, so a
     forged second occurrence changes nothing, and an adapter_command given as a path still matches."""
@@ -332,8 +354,8 @@ def test_on_error_hears_of_an_interrupt_and_of_a_failed_job(tmp_path: Path, monk
 
     for func in (interrupted, failed):
         with pytest.raises((KeyboardInterrupt, QtbError)):
-            run_hooked(argparse.Namespace(command="backup", func=func, dry_run=False))
-    assert log.read_text().splitlines() == ["backup 130 interrupted", "backup 6 the backup qube said ?no?[2J"]
+            run_hooked(argparse.Namespace(command="prune", func=func, dry_run=False))
+    assert log.read_text().splitlines() == ["prune 130 interrupted", "prune 6 the backup qube said ?no?[2J"]
 
 
 def test_restore_temp_measure_needs_no_recursion(tmp_path):

@@ -367,6 +367,21 @@ def test_another_restores_directory_is_not_counted(backed_up, engine):
 
 
 @pytest.mark.parametrize("engine", ["restic"])
+def test_a_restore_dom0s_home_has_no_room_for_is_refused_before_any_data(backed_up, engine):
+    """12.5: with less free in dom0's home than the largest chunk + 500 MiB the unpacker would wait
+    for room with no timeout (facts R1): said before any data is read, no stock tool started."""
+    world = backed_up.world
+    with mounted(world.dom0_home, "-t", "tmpfs", "-o", "size=400m", "tmpfs"):
+        single = qtb(world, "verify", backed_up.snapshots["work"], check=False)
+        every = qtb(world, "restore", "--all", "--rename-conflicting", check=False)
+    for proc in (single, every):
+        text = one_line_error(proc, 1)
+        assert "dom0's home has 400.0 MiB free and this restore needs" in text, text
+        assert b"qvm-backup-restore" not in proc.stderr and b"pass 1/2" not in proc.stderr
+    assert "dom0's home)" in one_line_error(every, 1)  # --all restores it: its size counts too
+
+
+@pytest.mark.parametrize("engine", ["restic"])
 def test_the_unpacker_waits_for_free_space(backed_up, engine):
     """Facts R1 (-w 500 MiB): with less free than a file plus 500 MiB the unpacker waits before the
     file's data (the file exists, empty), and goes on once there is room; with 1 GiB free (the
@@ -584,6 +599,10 @@ def test_hooks_run_around_the_jobs_and_a_failing_one_is_said(backed_up, engine, 
     qtb(world, "backup", "--dry-run")
     qtb(world, "prune", "--dry-run")
     assert log.read_text().splitlines() == ["before backup ", "after backup "]  # none on dry runs
+    # an argument error (a qube or snapshot id that does not exist as written) is said before any hook
+    for args in (("backup", "no-such-qube"), ("backup", "-x", "no-such-qube"), ("verify", "bad id!")):
+        assert "error: " in one_line_error(qtb(world, *args, check=False), 2)
+    assert len(log.read_text().splitlines()) == 2, log.read_text()
     before = complete_ids(world)
     failing = ["echo mount failed >&2; exit 3", say("never")]
     hooks(before=failing, after=[say("after")], on_error=[say("error")])

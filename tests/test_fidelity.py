@@ -97,9 +97,14 @@ def test_lvm_revert_changes_data_not_revisions_and_resize_adds_none(world: Sim):
     assert revisions(world, "vault:private") != before  # an import commits
 
 
-def test_qvm_pool_info_names_the_driver(world: Sim):
+def test_qvm_pool_info_names_the_driver_and_the_pool_s_size_and_usage(world: Sim):
+    """Facts V2: the tool prints every key=value line of admin.pool.Info, sorted after `name`, and
+    qubesd appends `size` and `usage` there for drivers that know them."""
     text = world.run("qvm-pool", "info", "vm-pool").stdout.decode()
     assert text.splitlines()[0] == "name               vm-pool" and "driver             lvm_thin" in text
+    rows = dict(line.split(None, 1) for line in text.splitlines())
+    assert 0 < int(rows["usage"]) <= int(rows["size"])
+    assert list(rows)[1:] == sorted(list(rows)[1:])
 
 
 # --- §8 in the driver: which qubes a nightly run skips -------------------------------------------------

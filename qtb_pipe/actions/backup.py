@@ -178,6 +178,7 @@ class Decision:
     back_up: bool
     why: str
     fingerprint: str | None
+    estimate: int | None = None  # its newest copy's stream, when that copy was a run of its own
 
 
 def plan_backup(engine: str, names: list[str], full: bool) -> list[Decision]:
@@ -186,21 +187,26 @@ def plan_backup(engine: str, names: list[str], full: bool) -> list[Decision]:
     decisions = []
     for qube, found in fingerprints(names).items():
         known = latest.get(qube)
+        alone = known.stream_bytes if known is not None and len(known.qubes) == 1 else None
         if isinstance(found, Unknown):
-            decisions.append(Decision(qube, True, f"always backed up: {found}", None))
+            decisions.append(Decision(qube, True, f"always backed up: {found}", None, alone))
         elif known is not None and known.qubes[qube] == found and not full:
             decisions.append(
                 Decision(qube, False, f"unchanged since {short_id(known.id)} ({known.time})", found)
             )
         else:
             why = "--full" if full else f"changed since {short_id(known.id)}" if known else "no copy yet"
-            decisions.append(Decision(qube, True, why, found))
+            decisions.append(Decision(qube, True, why, found, alone))
     return decisions
 
 
 def planned(decisions: list[Decision]) -> dict[str, dict]:
     """The per-qube plan as `backup --dry-run --json` and `config check --json` give it."""
-    return {d.qube: {"status": "to back up" if d.back_up else "unchanged", "why": d.why} for d in decisions}
+    plan = {d.qube: {"status": "to back up" if d.back_up else "unchanged", "why": d.why} for d in decisions}
+    return {
+        d.qube: {**plan[d.qube], "estimated_bytes": d.estimate} if d.back_up else plan[d.qube]
+        for d in decisions
+    }
 
 
 def run_backup(
@@ -224,8 +230,11 @@ def run_backup(
     summary: dict = {"engine": cfg.engine, "dry_run": dry_run, "qubes": planned(decisions)}
     summary.update(snapshots=[], warnings=[])
     if dry_run:
+        sizes = [d.estimate for d in decisions if d.back_up]
         if not as_json:
             print_qubes(summary["qubes"])
+            more = f", and {sizes.count(None)} qube(s) with no copy of their own yet" if None in sizes else ""
+            print(f"about {human_bytes(sum(s or 0 for s in sizes))} to stream{more}")
         return summary
     if not all_qubes[cfg.backup_qube].running:
         if not cfg.start_backup_qube:
@@ -288,4 +297,6 @@ PLAN_LABELS = {"to back up": "will be backed up", "unchanged": "skipped"}  # JSO
 def print_qubes(planned_or_done: dict[str, dict]) -> None:
     for qube, entry in planned_or_done.items():
         state = PLAN_LABELS.get(entry["status"], entry["status"])
-        print(f"  {qube:<24} {state:<18} {entry['why']}")
+        estimate = entry.get("estimated_bytes") if entry["status"] == "to back up" else None
+        about = f" (about {human_bytes(estimate)})" if estimate is not None else ""
+        print(f"  {qube:<24} {state:<18} {entry['why']}{about}")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from scrypt_shim import shim
 
@@ -116,6 +118,24 @@ def refuse_another_users_home(copies: list[Manifest], chosen: list[str], flags: 
             f"dom0's home in this snapshot is {', '.join(home_of)}'s, and this dom0's user is {user}: "
             "add --skip-dom0-home, or --ignore-username-mismatch to restore it into ~/home-restore-*",
             EXIT_USAGE,
+        )
+
+
+UNPACKER_MARGIN = 500 << 20  # qfile-dom0-unpacker -w: below this much free it waits, with no timeout (R1)
+
+
+def refuse_short_of_space(chunks: list[dict], flags: RestoreFlags) -> None:
+    """The tool's temporary directory and a restored home are in dom0's home: room for the largest chunk
+    and the unpacker's margin (else the restore stalls), and for the home when it is restored."""
+    if flags.paranoid_mode:  # it restores in a disposable, and no home
+        return
+    homes = 0 if flags.verify_only else sum(c["size"] for c in chunks if c["path"].startswith(DOM0_HOME))
+    need = max((c["size"] + shim.TRAILER_SIZE for c in chunks), default=0) + UNPACKER_MARGIN + homes
+    if (free := shutil.disk_usage(Path.home()).free) < need:
+        what = "the largest chunk, the 500 MiB the unpacker keeps free" + (", dom0's home" if homes else "")
+        raise QtbError(
+            f"dom0's home has {human_bytes(free)} free and this restore needs {human_bytes(need)} there "
+            f"({what}): free space in {Path.home()}, or restore fewer qubes"
         )
 
 
@@ -258,6 +278,7 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
     prefixes = [found.qubes[n].path for n in chosen if n not in skip]
     if not prefixes:
         raise QtbError(f"nothing to restore: {', '.join(chosen)} skipped (names taken, or dom0's home)")
+    refuse_short_of_space(found.chunks_of(prefixes), opts.flags)
     location = adapter.dump_location(snapshot_id)
     if not opts.flags.verify_only and not opts.single_pass:
         # A verify-only pass first: a backup qube that serves bad data is refused before
@@ -349,6 +370,8 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
     entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
     refuse_before_data(entries, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
     refuse_another_users_home(list(manifests.values()), list(entries), opts.flags)
+    chosen = [c for m in manifests.values() for c in m.chunks_of([q.path for q in m.qubes.values()])]
+    refuse_short_of_space(chosen, opts.flags)  # the whole of it, before the first snapshot's restore
     result: dict = {
         "engine": cfg.engine,
         "verified_only": opts.flags.verify_only,

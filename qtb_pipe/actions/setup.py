@@ -45,17 +45,21 @@ To restore on a new system:
       qtb-pipe init --backup-qube {backup_qube} --engine {engine} --recovery-key {key}
       qtb-pipe install-shim
  3. qtb-pipe restore --all --new-system
+    Before reading any data it names what stands in the way: qubes of the same name on the new
+    system (add --skip-conflicting or --rename-conflicting), a template or net qube that was not
+    backed up (add --ignore-missing).
 """
 
 
-def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | None) -> dict:
+def run_init(backup_qube: str | None, engine: str | None, force: bool, recovery_key: str | None) -> dict:
     """The first run writes the secret and the config. Run again without --force, it changes the
-    backup qube and engine in the config and keeps the secret (and every other setting)."""
-    cfg = Config(backup_qube=backup_qube, engine=engine)
+    backup qube or engine given and keeps the secret and every other setting."""
+    cfg = load_config() if config_path().exists() and not force else Config()
+    cfg.backup_qube, cfg.engine = backup_qube or cfg.backup_qube, engine or cfg.engine
     cfg.validate()
-    if backup_qube not in qubes.list_qubes():
+    if cfg.backup_qube not in qubes.list_qubes():
         raise QtbError(
-            f"there is no qube named {backup_qube!r} (qvm-ls lists them): create it first", EXIT_QUBE
+            f"there is no qube named {cfg.backup_qube!r} (qvm-ls lists them): create it first", EXIT_QUBE
         )
     keep_secret = secret_path().exists() and not force
     if keep_secret and recovery_key:
@@ -64,10 +68,6 @@ def run_init(backup_qube: str, engine: str, force: bool, recovery_key: str | Non
             "recovery key's (backups made with the old one then need the old key)",
             EXIT_CONFIG,
         )
-    if config_path().exists() and not force:
-        old = load_config()
-        old.backup_qube, old.engine = backup_qube, engine
-        cfg = old
     try:  # the README sets up the backup qube first; a dom0 set up first is told, not refused
         adapter, warnings = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).version(), []
     except QtbError as e:
