@@ -139,7 +139,12 @@ def typical_night(work: Path, size_mib: float, env: dict, appvms: int = 0) -> di
         }
         r["changed_qubes_volume_bytes"] = changed_volumes
         r["nightly_bytes_vs_changed_volumes"] = round(nightly["stream_bytes"] / changed_volumes, 3)
-        r["full_vs_nightly_seconds"] = round(full["seconds"] / max(nightly["seconds"], 0.01), 2)
+        # wall clock, as the user waits for it: the run's own `seconds` leave out the fingerprints
+        # and the preflight, which are what the split adds
+        r["full_vs_nightly_seconds"] = round(
+            r["full_same_state"]["seconds"] / max(r["nightly"]["seconds"], 0.01), 2
+        )
+        r["full_vs_nightly_run_seconds"] = round(full["seconds"] / max(nightly["seconds"], 0.01), 2)
         # the most the split can win here even with no fixed cost at all: the night must stream the
         # changed qubes and dom0's home, and time cannot fall faster than the bytes
         r["full_vs_nightly_bytes"] = round(full["stream_bytes"] / max(nightly["stream_bytes"], 1), 2)

@@ -4,6 +4,7 @@ stock qvm-backup-restore. Standard library only (dom0 has no pip)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
@@ -15,7 +16,7 @@ from scrypt_shim.shim import SHIM_VERSION
 
 from . import __version__, errors, proc, qubes, ui
 from .actions import manage, setup
-from .actions.backup import run_backup, select_qubes
+from .actions.backup import refuse_unknown, run_backup
 from .actions.restore import RestoreOptions, print_report, run_restore, run_restore_latest
 from .adapter import Adapter, check_snapshot_id
 from .config import ENGINES, RETENTION_KEYS, load_config, root
@@ -219,10 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         show=setup.print_init,
         engine=False,
     )
-    s.add_argument(
-        "--backup-qube", help="the qube that runs qtb-adapter (at first: backup; a re-run keeps it)"
-    )
-    s.add_argument("--engine", choices=ENGINES, help="default engine (at first: restic; a re-run keeps it)")
+    s.add_argument("--backup-qube", help="qube running qtb-adapter (default: backup; kept without --force)")
+    s.add_argument("--engine", choices=ENGINES, help="default engine (default: restic; kept without --force)")
     s.add_argument("--force", action="store_true", help="replace an existing secret and config")
     s.add_argument("--recovery-key", help="restore the secret from a recovery key instead of generating one")
 
@@ -366,8 +365,12 @@ def run_hooked(args: argparse.Namespace) -> dict:
     cfg = load_config()
     if getattr(args, "snapshot", None) not in (None, "latest"):  # argument errors come before any hook
         check_snapshot_id(args.snapshot)
-    if args.command == "backup":
-        select_qubes(cfg, qubes.list_qubes(), args.qubes, args.exclude)  # names it does not know
+    if args.command == "backup" and (named := args.qubes + args.exclude):  # names dom0 does not know
+        present = None
+        with contextlib.suppress(QtbError):  # qvm-ls failing is the job's to say, inside the hooks
+            present = qubes.list_qubes()
+        if present is not None:
+            refuse_unknown(named, present)
     hooks, env = cfg.hooks, {"QTB_PIPE_COMMAND": args.command}
     result = None
     try:

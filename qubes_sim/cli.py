@@ -33,14 +33,14 @@ LABEL_OF = {
     "vault": "black",
     "backup": "gray",
 }
-SOFTWARE = ("qtb-adapter", "restic")
+SOFTWARE = ("qtb-adapter", "restic")  # what the template "has installed", if present next to python
 
 
 def layout_with(appvms: int) -> list[tuple]:
     """LAYOUT and `appvms` more AppVMs shaped like personal (app-1…): a system of more qubes, as the
     benchmarks' night on 30 qubes needs."""
     more = [(f"app-{i}", "AppVM", "debian-12", "sys-net", True, {"private": 1}) for i in range(1, appvms + 1)]
-    return LAYOUT + more  # what the template "has installed", if present next to python
+    return LAYOUT + more
 
 
 def cmd_init(args: argparse.Namespace) -> int:

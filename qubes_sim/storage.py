@@ -12,7 +12,9 @@ only on a commit: when its qube stops after running, on import and, on file-refl
   - revisions_to_keep = 0: no revision is kept on any pool.
 The state lives in world.json ("pools", "volumes"); the data stays in the qube's <vol>.img.
 Emulator's own choice: two commits of one LVM volume in the same second get ids one second apart
-(real lvm would name both after that second; the tests commit faster than once a second).
+(real lvm would name both after that second; the tests commit faster than once a second). And
+`qvm-pool info`'s `size` and `usage` rows are those of the file system the world lives on, one for
+every pool (real ones are each pool's own: the thin pool's data, a file pool's directory).
 """
 
 from __future__ import annotations

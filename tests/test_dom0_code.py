@@ -39,8 +39,10 @@ SHIM_BUDGET = 450
 # unpacker would wait with no timeout; `latest` as restic users write it; the recovery sheet's step 3
 # names the flags a new system may need), then 3,164 (argument errors said before the `before`
 # hook: a qube or snapshot id that cannot be; --all with --qube refused; backup --dry-run estimates
-# each qube's stream from its newest copy); it may only go down.
-DOM0_CEILING = 3164
+# each qube's stream from its newest copy), then 3,170 (after a review: names given on the command
+# line checked before the hooks, the config's left to the job so on_error hears of them; the space
+# check asks for the stock tool's 1 GiB too); it may only go down.
+DOM0_CEILING = 3170
 
 
 def code_lines(path: Path) -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from qtb_pipe import proc, qubes
+from qtb_pipe.actions import restore as restore_action
 from qtb_pipe.actions.backup import check_run
 from qtb_pipe.actions.restore import (
-    UNPACKER_MARGIN,
     refuse_another_users_home,
     refuse_short_of_space,
     resolve_snapshot_id,
@@ -286,22 +286,30 @@ def test_the_home_s_user_is_its_chunks_name_dots_and_all(monkeypatch, backed_up_
 
 
 def test_a_restore_dom0_s_home_has_no_room_for_is_said_before_any_data(monkeypatch, tmp_path):
-    """The unpacker waits without a timeout below its largest file + 500 MiB free (facts R1), and a
-    restored home needs its own size there too: measured on the real file system of $HOME."""
+    """The unpacker waits without a timeout below its largest file + 500 MiB free (facts R1), the
+    tool asks for 1 GiB, and a restored home needs its own size there too; measured at $HOME."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    free = shutil.disk_usage(tmp_path).free
-    if free < 2 * UNPACKER_MARGIN:
-        pytest.skip("too little free space here to tell the cases apart")
-    volume = [{"path": "vm3/private.img.000", "size": 1 << 20, "tag": "0" * 64}]
-    home = [{"path": f"dom0-home/user.{n:03}", "size": free // 8, "tag": "0" * 64} for n in range(8)]
+    free, asked = [2 << 30], []
+
+    def disk_usage(path):
+        asked.append(path)
+        return shutil._ntuple_diskusage(4 << 30, (4 << 30) - free[0], free[0])
+
+    monkeypatch.setattr(restore_action.shutil, "disk_usage", disk_usage)
+    volume = [{"path": "vm3/private.img.000", "size": 100 << 20, "tag": "0" * 64}]
+    home = [{"path": f"dom0-home/user.{n:03}", "size": 256 << 20, "tag": "0" * 64} for n in range(8)]
     verify, restore = qubes.RestoreFlags(verify_only=True), qubes.RestoreFlags()
-    refuse_short_of_space(volume + home, verify)  # a verify pass: one chunk at a time, no home
-    with pytest.raises(QtbError, match=r"this restore needs .* there \(the largest chunk, the 500 MiB the"):
-        refuse_short_of_space(volume + home, restore)
+    refuse_short_of_space(volume + home, verify)  # a verify pass: a chunk at a time, no home
+    assert asked == [tmp_path]
+    needs = (
+        r"has 2\.0 GiB free and this restore needs 2\.7 GiB there \(the largest"  # 256 MiB + 500 MiB + 2 GiB
+    )
+    with pytest.raises(QtbError, match=needs):
+        refuse_short_of_space(volume + home, restore)  # the home's 2 GiB on top
     refuse_short_of_space(volume + home, qubes.RestoreFlags(paranoid_mode=True))  # in a disposable
-    huge = [{"path": "vm3/private.img.000", "size": free - UNPACKER_MARGIN // 2, "tag": "0" * 64}]
-    with pytest.raises(QtbError, match=f"free space in {tmp_path}, or restore fewer qubes"):
-        refuse_short_of_space(huge, verify)
+    free[0] = 900 << 20  # more than a chunk and the margin, less than the tool's own 1 GiB
+    with pytest.raises(QtbError, match=f"the 1 GiB qvm-backup-restore asks for\\): free space in {tmp_path}"):
+        refuse_short_of_space(volume, verify)
 
 
 def test_unpacker_refusal_counts_only_the_drivers_own_location():

@@ -28,13 +28,16 @@ class Selection:
     left_out: dict[str, str]  # qube -> why
 
 
+def refuse_unknown(names: list[str], all_qubes: dict) -> None:
+    if unknown := sorted({n for n in names if n not in all_qubes}):
+        raise QtbError(f"unknown qube(s): {', '.join(unknown)} (see qvm-ls)", EXIT_USAGE)
+
+
 def select_qubes(
     cfg: Config, all_qubes: dict[str, qubes.QubeInfo], names: list[str], exclude: list[str]
 ) -> Selection:
     """What will be backed up, and why the rest is not; the same logic `config check` shows."""
-    unknown = [n for n in names + exclude + cfg.include + cfg.exclude if n not in all_qubes]
-    if unknown:
-        raise QtbError(f"unknown qube(s): {', '.join(sorted(set(unknown)))} (see qvm-ls)", EXIT_USAGE)
+    refuse_unknown(names + exclude + cfg.include + cfg.exclude, all_qubes)
     wanted = names or cfg.include
     left_out: dict[str, str] = {}
     included = []
