@@ -109,7 +109,7 @@ def refuse_before_data(
 
 def refuse_another_users_home(copies: list[Manifest], chosen: list[str], flags: RestoreFlags) -> None:
     """The tool refuses another user's dom0 home after the verify pass (handle_broken): said before it."""
-    chunks = [c["path"] for m in copies for c in m.chunks if c["path"].startswith(DOM0_HOME)]
+    chunks = [c["path"] for m in copies for c in m.chunks_of([DOM0_HOME])]
     home_of = {path.split("/")[1].rsplit(".", 1)[0] for path in chunks}  # USER.000: USER may hold a dot
     home_as_asked = flags.verify_only or flags.skip_dom0_home or flags.ignore_username_mismatch
     user = qubes.dom0_user()  # (paranoid mode restores no home)
@@ -168,7 +168,7 @@ def restore_pass(
     action = "verify" if flags.verify_only else "restore"
     if flags.verify_only:  # else qvm-backup-restore leaves another user's dom0 home unread (R4)
         flags = replace(flags, ignore_username_mismatch=True)
-    if DOM0_HOME not in prefixes and any(c["path"].startswith(DOM0_HOME) for c in found.chunks):
+    if DOM0_HOME not in prefixes and found.chunks_of([DOM0_HOME]):
         flags = replace(flags, skip_dom0_home=True)  # a list of qubes does not leave it out (R4)
     progress = Progress(action, names, as_json)
     run = Run()
