@@ -92,7 +92,7 @@ class Snapshot:
     state: str
     time: str
     backup_id: str | None
-    qubes: list[str]
+    qube_names: list[str]  # `qubes` on the wire; every dom0 answer keeps `qubes` for {qube: …}
     stream_bytes: int | None
     added_bytes: int | None
 
@@ -156,9 +156,9 @@ class Adapter:
         out = []
         for item in _objects(self._json("list"), "snapshots", "list"):
             found = {key: _field(item, key, *spec) for key, spec in SNAPSHOT_FIELDS.items()}
-            found["qubes"] = found["qubes"] or []
-            if len(found["qubes"]) > 1000 or not all(
-                isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in found["qubes"]
+            names = found["qube_names"] = found.pop("qubes") or []
+            if len(names) > 1000 or not all(
+                isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in names
             ):
                 raise malformed("list")
             out.append(Snapshot(found.pop("id"), **found))
@@ -213,7 +213,7 @@ class Adapter:
         data = self._json("version")
         fields = {"adapter": VERSION_RE, "engine_version": VERSION_RE, "engine_line": PRINTABLE_LINE_RE}
         found = {key: _field(data, key, str, pattern=pattern) for key, pattern in fields.items()}
-        return {"qube": self.qube, "engine": self.engine, **found}
+        return {"qube": self.qube, "engine": self.engine, "version": found.pop("adapter"), **found}
 
     def recovery_info(self) -> dict[str, str | None]:
         """Where the repository is, its engine password and borg's key, for the recovery sheet:

@@ -63,7 +63,7 @@ class Progress:
         done_bytes = done_bytes() if callable(done_bytes) else done_bytes
         rate = None if done_bytes is None else int(done_bytes / max(elapsed, 0.1))
         if self.as_json:
-            line = {"message_type": "progress", "action": self.action, "qubes": self.qubes,
+            line = {"message_type": "progress", "action": self.action, "qube_names": self.qubes,
                     "percent": round(percent, 1), "bytes_done": done_bytes, "bytes_per_second": rate,
                     "seconds": round(elapsed, 1), "eta_seconds": eta}  # fmt: skip
             print(json.dumps(line, sort_keys=True), flush=True)

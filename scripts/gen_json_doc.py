@@ -24,6 +24,9 @@ stdout; notes stay on stderr). With `--progress` as well (backup, restore, verif
 Lines: progress lines, then the result on one line (see the last section). Sizes are bytes, times
 ISO 8601 UTC, durations seconds.
 No key outside its table is ever there. "when" is `always`, or the case in which the key is there.
+One name means one thing in every answer (a test holds the schemas to it): `qubes` is always an
+object keyed by qube name, a plain list of names is `qube_names`, `snapshot` is a snapshot id,
+`engine` is restic or borg, and `adapter` is what `qtb-adapter version` answered.
 """
 
 

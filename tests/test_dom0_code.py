@@ -41,8 +41,9 @@ SHIM_BUDGET = 450
 # hook: a qube or snapshot id that cannot be; --all with --qube refused; backup --dry-run estimates
 # each qube's stream from its newest copy), then 3,170 (after a review: names given on the command
 # line checked before the hooks, the config's left to the job so on_error hears of them; the space
-# check asks for the stock tool's 1 GiB too); it may only go down.
-DOM0_CEILING = 3170
+# check asks for the stock tool's 1 GiB too), then 3,172 (issue 12.4: check's answer carries only
+# fields dom0 bounded, not the backup qube's raw object); it may only go down.
+DOM0_CEILING = 3172
 
 
 def code_lines(path: Path) -> int:

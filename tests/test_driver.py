@@ -126,7 +126,7 @@ def test_nightly_run_backs_up_only_what_changed(backed_up, engine):
     assert [h["snapshot"] for h in listed["work"]["history"]][1] == backed_up.snapshots["work"]
     assert list(listed) == ["work"]  # only that qube, and only the snapshots that hold it
     assert [r["snapshot"] for r in history["snapshots"]] == [
-        r["snapshot"] for r in qtb_json(world, "list")["snapshots"] if "work" in r["qubes"]
+        r["snapshot"] for r in qtb_json(world, "list")["snapshots"] if "work" in r["qube_names"]
     ]
     # --as-of: the newest copies made by then; several --qube names, each from its own copy
     args = ("--qube", "work", "--qube", "vault", "--verify-only")
@@ -196,7 +196,7 @@ def test_progress_off_a_terminal_when_asked(backed_up, engine):
     world = backed_up.world
     proc = qtb(world, "backup", "--full", "debian-12", "--json", "--progress", env=small_chunks)
     *progress, result = (json.loads(line) for line in proc.stdout.decode().splitlines())
-    assert progress and all(p["action"] == "backup" and p["qubes"] == ["debian-12"] for p in progress)
+    assert progress and all(p["action"] == "backup" and p["qube_names"] == ["debian-12"] for p in progress)
     done = [p["bytes_done"] for p in progress]
     assert done == sorted(done) and done[-1] > 0  # the bytes the shim passed, growing
     assert any(p["eta_seconds"] is not None for p in progress)  # an ETA while under way
@@ -204,7 +204,7 @@ def test_progress_off_a_terminal_when_asked(backed_up, engine):
     snapshot = result["qubes"]["debian-12"]["snapshot"]
     proc = qtb(world, "verify", snapshot, "--json", "--progress", env=small_chunks)
     *progress, result = (json.loads(line) for line in proc.stdout.decode().splitlines())
-    assert progress and all(p["action"] == "verify" and p["qubes"] == ["debian-12"] for p in progress)
+    assert progress and all(p["action"] == "verify" and p["qube_names"] == ["debian-12"] for p in progress)
     assert progress[-1]["bytes_done"] > 0 and result["qubes"]["debian-12"]["verified"] > 0
     text = qtb(world, "verify", snapshot, "--progress").stderr.decode()
     assert re.search(r"^verify debian-12: +[0-9.]+%  [0-9.]+ (B|KiB|MiB) \(", text, re.M), text
@@ -731,7 +731,7 @@ def test_version_names_every_part_and_what_it_could_not_ask(backed_up, engine, f
     assert (found["qtb_pipe"], found["shim_version"]) == (qtb_pipe.__version__, SHIM_VERSION)
     assert found["shim"]["active"] and found["shim"]["up_to_date"]
     adapter = found["adapter"]
-    assert (adapter["qube"], adapter["engine"], adapter["adapter"]) == (
+    assert (adapter["qube"], adapter["engine"], adapter["version"]) == (
         "backup",
         engine,
         qtb_adapters.__version__,

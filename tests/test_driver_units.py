@@ -224,7 +224,7 @@ GOOD_SNAPSHOT = {
 def test_listing_answers_are_checked_field_by_field(monkeypatch, entry):
     answering(monkeypatch, {"snapshots": [GOOD_SNAPSHOT]})
     (snapshot,) = Adapter("backup", "restic").snapshots()
-    assert snapshot.qubes == ["work", "dom0"] and snapshot.added_bytes is None
+    assert snapshot.qube_names == ["work", "dom0"] and snapshot.added_bytes is None
     answering(monkeypatch, {"snapshots": [GOOD_SNAPSHOT, entry]})
     with pytest.raises(QtbError, match="backup qube sent malformed data"):
         Adapter("backup", "restic").snapshots()

@@ -98,7 +98,13 @@ NEWEST = {
 VERIFIED = {  # a verify that passed: the repository check is there
     **{k: v for k, v in NEWEST.items() if k not in ("error", "exit_code", "hint")},
     "qubes": {"work": NEWEST["qubes"]["work"]},
-    "check": {"engine": "restic", "ok": True, "adapter": {"ok": True}, "warnings": []},
+    "check": {
+        "engine": "restic",
+        "ok": True,
+        "read_data_subset": None,
+        "output": "no errors were found",
+        "warnings": [],
+    },
 }
 
 
@@ -114,6 +120,30 @@ def changed(answer: dict, path: str, value: object = KeyError) -> dict:
     else:
         node[key] = value
     return out
+
+
+def refs(prop: dict) -> set[str]:
+    """The common definitions a property refers to (by name, from whichever file)."""
+    return {p["$ref"].partition("#")[2] for p in [prop, *prop.get("anyOf", [])] if "$ref" in p}
+
+
+@pytest.mark.parametrize("name", sorted(schemas()))
+def test_one_name_means_one_thing(name):
+    """Issue 12.4: `qubes` was a list of names in one answer and {qube: result} in another, `adapter`
+    the adapter's version in one and its raw check answer in another."""
+    qube = "common.schema.json#/$defs/qube"
+    for node in objects(schemas()[name]):
+        for key, prop in node["properties"].items():
+            if key == "qubes":  # always {qube: what about it}
+                assert prop["type"] == "object" and prop["propertyNames"] == {"$ref": qube}, name
+            if key == "qube_names":  # a plain list of names
+                assert prop["type"] == "array" and prop["items"] == {"$ref": qube}, name
+            if key == "adapter":  # always `qtb-adapter version`'s answer (null: it did not answer)
+                assert "/$defs/adapter" in refs(prop), name
+            if key == "snapshot":
+                assert refs(prop) == {"/$defs/snapshot_id"}, (name, prop)
+            if key == "engine":
+                assert refs(prop) == {"/$defs/engine"}, (name, prop)
 
 
 def test_answers_the_code_gives_are_valid():

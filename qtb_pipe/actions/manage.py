@@ -46,7 +46,7 @@ def run_list(cfg: Config, qube: str | None = None) -> dict:
                 | {"manifest_sha256": r.manifest_sha256, "in_repository": r.id in present}
                 for r in reversed(recs)
             ]
-    rows = [r for r in rows if qube in (None, *r["qubes"])]  # with --qube, those that hold it
+    rows = [r for r in rows if qube in (None, *r["qube_names"])]  # with --qube, those that hold it
     return {"engine": cfg.engine, "qubes": per_qube, "snapshots": rows}
 
 
@@ -68,7 +68,7 @@ def print_list(result: dict) -> None:
         print(
             f"{short_id(r['snapshot']):<{w}} {r['time']:<26} {r['state']:<9} "
             f"{human_bytes(r['stream_bytes']):>10} {human_bytes(r['added_bytes']):>10}  "
-            f"{r['dom0_record']:<12} {', '.join(r['qubes'])}"
+            f"{r['dom0_record']:<12} {', '.join(r['qube_names'])}"
         )
 
 
@@ -128,9 +128,11 @@ def run_check(cfg: Config, read_data_subset: str | None) -> dict:
         raise QtbError(
             f"the {cfg.engine} repository check did not pass (qtb-adapter check in the backup qube)"
         )
-    warnings = result.get("warnings")
+    warnings, output = result.get("warnings"), result.get("output")
     if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
         warnings = []
-    # hostile text: bounded and printable before it reaches dom0's terminal
+    # hostile text: only these fields, bounded and printable, reach dom0's terminal and scripts
     shown = [printable(w, 300).replace("\n", " ") for w in warnings[:5]]
-    return {"engine": cfg.engine, "ok": True, "adapter": result, "warnings": shown}
+    output = printable(output, 4000) if isinstance(output, str) else ""
+    return {"engine": cfg.engine, "ok": True, "read_data_subset": read_data_subset, "output": output,
+            "warnings": shown}  # fmt: skip

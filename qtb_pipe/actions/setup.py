@@ -186,7 +186,7 @@ def print_init(result: dict) -> None:
     for warning in result["warnings"]:
         warn(warning)
     if found := result["adapter"]:
-        print(f"backup qube '{found['qube']}' answers: qtb-adapter {found['adapter']}, {found['engine']} "
+        print(f"backup qube '{found['qube']}' answers: qtb-adapter {found['version']}, {found['engine']} "
               f"{found['engine_version']}")  # fmt: skip
     if result["secret_kept"]:
         print(f"wrote {result['config']}; kept the backup secret {result['secret']}")
