@@ -57,6 +57,17 @@ def list_qubes() -> dict[str, QubeInfo]:
     return qubes
 
 
+def pool_free(volume: str) -> tuple[str, int | None]:
+    """The pool a restore makes new `volume` volumes in (qubes-prefs default_pool_VOLUME: the tool
+    gives none, facts V8) and its size less its usage (qvm-pool info, V2); None when not said."""
+    pool = proc.run(["qubes-prefs", f"default_pool_{volume}"]).stdout.decode().strip()
+    rows = proc.run(["qvm-pool", "info", pool]).stdout.decode().splitlines() if pool else []
+    found = dict(row.split(None, 1) for row in rows if len(row.split()) == 2)
+    with contextlib.suppress(KeyError, ValueError):
+        return pool, int(found["size"]) - int(found["usage"])
+    return pool, None
+
+
 def start_qube(name: str) -> None:
     res = proc.run(["qvm-start", name])
     if res.code != 0:

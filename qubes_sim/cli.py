@@ -70,6 +70,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         "dom0_user": args.user,
         "seed": args.seed,
         "profile": args.profile,
+        "default_pool": args.pool,  # qubes-prefs default_pool: where a restore puts new volumes
         "running": [] if args.bare else ["backup", "sys-net", "work"],
     }
     (root / "world.json").write_text(json.dumps(state, indent=2) + "\n")

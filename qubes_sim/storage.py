@@ -13,8 +13,9 @@ only on a commit: when its qube stops after running, on import and, on file-refl
 The state lives in world.json ("pools", "volumes"); the data stays in the qube's <vol>.img.
 Emulator's own choice: two commits of one LVM volume in the same second get ids one second apart
 (real lvm would name both after that second; the tests commit faster than once a second). And
-`qvm-pool info`'s `size` and `usage` rows are those of the file system the world lives on, one for
-every pool (real ones are each pool's own: the thin pool's data, a file pool's directory).
+`qvm-pool info`'s `size` and `usage` rows are those of the file system of dom0's /var/lib/qubes,
+where every volume's image is, one for every pool (real ones are each pool's own: the thin pool's
+data, a file pool's directory). A restore makes new volumes in qubes-prefs' default pool (facts V8).
 """
 
 from __future__ import annotations
@@ -264,8 +265,8 @@ def qvm_pool(argv: list[str]) -> int:
             raise SimError(f"no such pool: '{name}'", 2)
         rows += [("", "")] if index else []
         # qubesd's admin.pool.Info appends the pool's size and usage (facts V2), which the tool prints
-        # among its settings; here the file system the world lives on stands for the pool
-        fs = os.statvfs(World.current().root)
+        # among its settings; here the file system of dom0's /var/lib/qubes stands for every pool
+        fs = os.statvfs(World.current().dom0 / "var/lib/qubes")
         usage = {"size": fs.f_blocks * fs.f_frsize, "usage": (fs.f_blocks - fs.f_bfree) * fs.f_frsize}
         rows += [("name", name)] + [(k, str(v)) for k, v in sorted({**POOLS[name], **usage}.items())]
     print(_table(rows))

@@ -1,6 +1,6 @@
-"""The emulated dom0 tools: qvm-backup, qvm-backup-restore, qvm-run, qvm-ls, qvm-prefs, qvm-start,
-qvm-shutdown, qvm-check. Run as `python -m qubes_sim.tools TOOL ARGS…` by the wrappers in a
-world's .sim/dom0-bin, with QUBES_SIM_DIR naming the world."""
+"""The emulated dom0 tools: qvm-backup, qvm-backup-restore, qvm-run, qvm-ls, qvm-prefs, qubes-prefs,
+qvm-start, qvm-shutdown, qvm-check, qvm-volume, qvm-pool. Run as `python -m qubes_sim.tools TOOL
+ARGS…` by the wrappers in a world's .sim/dom0-bin, with QUBES_SIM_DIR naming the world."""
 
 from __future__ import annotations
 
@@ -362,6 +362,24 @@ def qvm_check(argv: list[str]) -> int:
     return 0
 
 
+def qubes_prefs(argv: list[str]) -> int:
+    """The storage defaults only (facts V8): every default_pool_* is default_pool, the pool `init
+    --pool` gave every volume (upstream's default_pool_kernel is linux-kernel; not emulated)."""
+    p = argparse.ArgumentParser(prog="qubes-prefs")
+    p.add_argument("prop", nargs="?")
+    args = p.parse_args(argv)
+    pool = _world().state["default_pool"]
+    props = {f"default_pool{v}": pool for v in ("", "_private", "_root", "_volatile")}
+    if args.prop is None:  # qvm_prefs.py process_actions: NAME, D (a default), the value
+        width = max(map(len, props))
+        print("\n".join(f"{k:{width}s}  D  {v}" for k, v in props.items()))
+    elif args.prop.replace("-", "_") in props:
+        print(props[args.prop.replace("-", "_")])
+    else:
+        raise SimError(f"no such property: '{args.prop}'", 2)
+    return 0
+
+
 TOOLS = {
     "qvm-backup": qvm_backup,
     "qvm-backup-restore": qvm_backup_restore,
@@ -373,6 +391,7 @@ TOOLS = {
     "qvm-check": qvm_check,
     "qvm-volume": storage.qvm_volume,
     "qvm-pool": storage.qvm_pool,
+    "qubes-prefs": qubes_prefs,
 }
 
 

@@ -35,6 +35,7 @@ DOM0_TOOLS = (
     "qvm-check",
     "qvm-volume",
     "qvm-pool",
+    "qubes-prefs",
 )
 # systemd's default PATH, which qubesd inherits (its unit sets none): /usr/local before /usr.
 SYSTEMD_DEFAULT_PATH = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin")

@@ -42,8 +42,10 @@ SHIM_BUDGET = 450
 # each qube's stream from its newest copy), then 3,170 (after a review: names given on the command
 # line checked before the hooks, the config's left to the job so on_error hears of them; the space
 # check asks for the stock tool's 1 GiB too), then 3,172 (issue 12.4: check's answer carries only
-# fields dom0 bounded, not the backup qube's raw object); it may only go down.
-DOM0_CEILING = 3172
+# fields dom0 bounded, not the backup qube's raw object), then 3,200 (issue 12.5: a restore that
+# the default pools have no room for is said before any data; the stock tool never checks them and
+# a full thin pool leaves qubes half made, facts V8); it may only go down.
+DOM0_CEILING = 3200
 
 
 def code_lines(path: Path) -> int:

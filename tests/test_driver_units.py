@@ -18,6 +18,7 @@ from qtb_pipe.actions import restore as restore_action
 from qtb_pipe.actions.backup import check_run
 from qtb_pipe.actions.restore import (
     refuse_another_users_home,
+    refuse_short_of_pool_space,
     refuse_short_of_space,
     resolve_snapshot_id,
     restore_order,
@@ -296,6 +297,7 @@ def test_a_restore_dom0_s_home_has_no_room_for_is_said_before_any_data(monkeypat
         return shutil._ntuple_diskusage(4 << 30, (4 << 30) - free[0], free[0])
 
     monkeypatch.setattr(restore_action.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(qubes, "pool_free", lambda volume: ("vm-pool", None))  # the next test's
     volume = [{"path": "vm3/private.img.000", "size": 100 << 20, "tag": "0" * 64}]
     home = [{"path": f"dom0-home/user.{n:03}", "size": 256 << 20, "tag": "0" * 64} for n in range(8)]
     verify, restore = qubes.RestoreFlags(verify_only=True), qubes.RestoreFlags()
@@ -310,6 +312,36 @@ def test_a_restore_dom0_s_home_has_no_room_for_is_said_before_any_data(monkeypat
     free[0] = 900 << 20  # more than a chunk and the margin, less than the tool's own 1 GiB
     with pytest.raises(QtbError, match=f"the 1 GiB qvm-backup-restore asks for\\): free space in {tmp_path}"):
         refuse_short_of_space(volume, verify)
+
+
+def test_a_restore_its_pools_have_no_room_for_is_said_before_any_data(monkeypatch):
+    """Facts V8: new volumes go to qubes-prefs' default_pool_<volume>, which the tool never checks;
+    each pool must have room for the private and root volumes it gets, as they were backed up."""
+    pools = {"private": ("vm-pool", 300 << 20), "root": ("vm-pool", 300 << 20)}
+    asked = []
+    monkeypatch.setattr(qubes, "pool_free", lambda volume: asked.append(volume) or pools[volume])
+    chunks = [
+        {"path": "vm3/private.img.000", "size": 200 << 20},
+        {"path": "vm4/root.img.000", "size": 150 << 20},
+        {"path": "dom0-home/user.000", "size": 900 << 20},  # dom0's home: not in a pool
+        {"path": "vm3/firewall.xml.000", "size": 900 << 20},
+    ]
+    with pytest.raises(QtbError, match=r"^pool vm-pool has 300\.0 MiB free and .* need 350\.0 MiB there"):
+        refuse_short_of_pool_space(chunks, qubes.RestoreFlags())  # both volumes in one pool
+    assert sorted(asked) == ["private", "root"]
+    pools["root"] = ("ssd", 200 << 20)  # each pool its own share
+    refuse_short_of_pool_space(chunks, qubes.RestoreFlags())
+    pools["root"] = ("ssd", 1 << 20)
+    with pytest.raises(QtbError, match=r"^pool ssd has 1\.0 MiB free and .* need 150\.0 MiB"):
+        refuse_short_of_pool_space(chunks, qubes.RestoreFlags())
+    pools["root"] = ("ssd", None)  # a pool that does not say its size: not refused for it
+    refuse_short_of_pool_space(chunks, qubes.RestoreFlags())
+    pools["private"] = ("vm-pool", 100 << 20)
+    asked.clear()
+    refuse_short_of_pool_space(chunks, qubes.RestoreFlags(verify_only=True))  # nothing is made
+    assert asked == []
+    with pytest.raises(QtbError, match=r"pool vm-pool has 100\.0 MiB free"):
+        refuse_short_of_pool_space(chunks, qubes.RestoreFlags())
 
 
 def test_unpacker_refusal_counts_only_the_drivers_own_location():

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -379,6 +380,23 @@ def test_a_restore_dom0s_home_has_no_room_for_is_refused_before_any_data(backed_
         assert "dom0's home has 400.0 MiB free and this restore needs" in text, text
         assert proc.stderr.count(b"\n") == 1  # that line alone: no pass began, the stock tool never spoke
     assert "free, dom0's home" in one_line_error(every, 1)  # --all restores it: its size counts too
+
+
+@pytest.mark.parametrize("engine", ["restic"])
+def test_a_restore_the_default_pool_has_no_room_for_is_refused_before_any_data(backed_up, engine):
+    """Facts V8: the restored volumes go to qubes-prefs' default pool, whose room the stock tool never
+    checks; qvm-pool info's size and usage say it (here a 1 MiB file system under /var/lib/qubes)."""
+    world, pool = backed_up.world, backed_up.world.dom0 / "var/lib/qubes"
+    qubes_xml = (pool / "qubes.xml").read_bytes()  # qubesd's, in that directory too
+    with mounted(pool, "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
+        (pool / "qubes.xml").write_bytes(qubes_xml)
+        refused = qtb(world, "restore", backed_up.snapshots["work"], "--rename-conflicting", check=False)
+        verified = qtb(world, "verify", backed_up.snapshots["work"], check=False)  # makes no volume
+    text = one_line_error(refused, 1)
+    assert re.search(r"error: pool vm-pool has [0-9.]+ [KM]iB free and .* need [0-9.]+ MiB there", text), text
+    assert refused.stderr.count(b"\n") == 1  # no pass began
+    assert verified.returncode == 0, verified.stderr.decode()
+    assert "work-1" not in world.digest()["qubes"]
 
 
 @pytest.mark.parametrize("engine", ["restic"])

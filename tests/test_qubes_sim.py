@@ -190,6 +190,21 @@ def test_uncompressed_from_qube_hits_size_limit(tmp_path: Path, fresh_world: Sim
     assert again.digest(*BACKED_UP, restored_home=True) == world.digest(*BACKED_UP)
 
 
+def test_a_restore_makes_its_volumes_in_the_default_pool(tmp_path: Path, world: Sim, passphrase_file: Path):
+    """Facts V8: qvm-backup-restore gives no pool, so new volumes go to qubes-prefs'
+    default_pool_<volume> (here the pool `init --pool` chose), which `qubes-prefs NAME` prints."""
+    stream = backup_to_dir(world, passphrase_file, "--no-compress", vms=("debian-12",))  # root and private
+    fresh = make_world(tmp_path / "reflink", "--bare", "--pool", "reflink")
+    assert fresh.run("qubes-prefs", "default_pool_private").stdout == b"reflink\n"
+    listed = fresh.run("qubes-prefs").stdout.decode().splitlines()
+    assert "default_pool_root      D  reflink" in listed and len(listed) == 4
+    assert fresh.run("qubes-prefs", "no_such").returncode == 2
+    proc = restore(fresh, passphrase_file, stream)
+    assert proc.returncode == 0, proc.stderr.decode()
+    for volume in ("root", "private"):
+        assert fresh.run("qvm-volume", "info", f"debian-12:{volume}", "pool").stdout == b"reflink\n"
+
+
 def test_location_command_failure_fails_backup_with_its_stderr(world: Sim, passphrase_file: Path):
     script = world.root / "qubes/backup/usr/local/bin/failing-store"
     script.write_text(

@@ -8,6 +8,7 @@ import itertools
 import re
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,12 +122,34 @@ def refuse_another_users_home(copies: list[Manifest], chosen: list[str], flags: 
         )
 
 
+VOLUME_CHUNK = re.compile(r"vm[0-9]+/(private|root)\.img\.[0-9]{3}")
+
+
+def refuse_short_of_pool_space(chunks: list[dict], flags: RestoreFlags) -> None:
+    """The volumes restored go to the default pools, which the tool does not check (facts V8): a thin
+    pool that fills up mid-import fails there, with qubes half made. Each needs its bytes as sent."""
+    volumes: Counter[str] = Counter()
+    for c in chunks if not flags.verify_only else []:
+        if found := VOLUME_CHUNK.fullmatch(c["path"]):
+            volumes[found[1]] += c["size"]
+    pools = {volume: qubes.pool_free(volume) for volume in volumes}
+    for pool, room in set(pools.values()):
+        need = sum(volumes[volume] for volume, (name, _) in pools.items() if name == pool)
+        if room is not None and room < need:
+            raise QtbError(
+                f"pool {pool} has {human_bytes(room)} free and the restored qubes' private and root volumes "
+                f"need {human_bytes(need)} there: free space in it, or restore fewer qubes"
+            )
+
+
 UNPACKER_MARGIN = 500 << 20  # qfile-dom0-unpacker -w: below this much free it waits, with no timeout (R1)
 
 
 def refuse_short_of_space(chunks: list[dict], flags: RestoreFlags) -> None:
     """The tool's temporary directory and a restored home are in dom0's home: room for the largest chunk
-    and the unpacker's margin (else the restore stalls), and for the home when it is restored."""
+    and the unpacker's margin (else the restore stalls), and for the home when it is restored; and the
+    pools for the volumes."""
+    refuse_short_of_pool_space(chunks, flags)
     if flags.paranoid_mode:  # it restores in a disposable, and no home
         return
     homes = 0 if flags.verify_only else sum(c["size"] for c in chunks if c["path"].startswith(DOM0_HOME))
