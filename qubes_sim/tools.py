@@ -323,8 +323,10 @@ def qvm_prefs(argv: list[str]) -> int:
     if args.prop not in props:
         raise SimError(f"no such property: '{args.prop}'", 2)
     if args.value is None:
-        value = props[args.prop]
-        print("" if value is None else value)
+        # qvm_prefs.py process_actions prints nothing for None, which a vm-type property with no qube
+        # is (client base.py v4.4.0 l.322-325: '' -> None)
+        if (value := props[args.prop]) not in (None, ""):
+            print(value)
         return 0
     if args.prop == "include_in_backups":
         qubes[q.name].include_in_backups = args.value.lower() in ("1", "true", "yes")

@@ -199,6 +199,7 @@ def test_a_restore_makes_its_volumes_in_the_default_pool(tmp_path: Path, world: 
     listed = fresh.run("qubes-prefs").stdout.decode().splitlines()
     assert "default_pool_root      D  reflink" in listed and len(listed) == 4
     assert fresh.run("qubes-prefs", "no_such").returncode == 2
+    assert world.run("qvm-prefs", "sys-net", "netvm").stdout == b""  # None: no line at all (l.148-149)
     proc = restore(fresh, passphrase_file, stream)
     assert proc.returncode == 0, proc.stderr.decode()
     for volume in ("root", "private"):
