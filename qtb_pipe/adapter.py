@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -80,9 +81,10 @@ def malformed(command: str) -> QtbError:
 
 
 def _strings(
-    answer: dict, key: str, command: str, pattern: re.Pattern[str], limit: int, optional: bool = False
+    answer: dict, key: str, command: str, pattern: re.Pattern[str], limit: float, optional: bool = False
 ) -> list[str]:
-    """The list of at most `limit` strings under `key` of a hostile answer, each fully matching `pattern`."""
+    """The list of at most `limit` strings under `key` of a hostile answer, each fully matching `pattern`
+    (`limit` may be math.inf: bounded only by the answer's size, MAX_JSON)."""
     if (items := answer.get(key)) is None and optional:
         return []
     if (
@@ -206,7 +208,7 @@ class Adapter:
 
     def prune(
         self, retention: dict[str, int], dry_run: bool, protect: list[str], recorded: list[str]
-    ) -> list:
+    ) -> list[str]:
         """The snapshots it removed (or would): only snapshots dom0 recorded count as a protected qube's
         copies (ids on stdin: many)."""
         args = ["prune", f"--protect={','.join(protect)}", "--recorded=-"]
@@ -215,14 +217,14 @@ class Adapter:
         if dry_run:
             args.append("--dry-run")
         answer = self._json(*args, input="".join(f"{i}\n" for i in recorded).encode())
-        return _strings(answer, "remove", "prune", SNAPSHOT_ID_RE, MAX_JSON)  # years of nights: many
+        return _strings(answer, "remove", "prune", SNAPSHOT_ID_RE, math.inf)  # years of nights: thousands
 
     def check(self, read_data_subset: str | None = None) -> tuple[bool, str, list[str]]:
         """Whether the check passed, the engine's output and the warnings (free space…), bounded and
         printable; warnings that are not strings are left out."""
         data = self._json("check", *(["--read-data-subset", read_data_subset] if read_data_subset else []))
         warnings = data.get("warnings") if isinstance(data.get("warnings"), list) else []
-        shown = [proc.printable(w, 300).replace("\n", " ") for w in warnings[:5] if isinstance(w, str)]
+        shown = [proc.printable(w, 300).replace("\n", " ") for w in warnings if isinstance(w, str)][:5]
         output = data.get("output")
         return data.get("ok") is True, proc.printable(output, 4000) if isinstance(output, str) else "", shown
 
@@ -231,7 +233,7 @@ class Adapter:
         data = self._json("version")
         fields = {"adapter": VERSION_RE, "engine_version": VERSION_RE, "engine_line": PRINTABLE_LINE_RE}
         found = {key: _field(data, key, str, pattern=pattern) for key, pattern in fields.items()}
-        return {"qube": self.qube, "engine": self.engine, "version": found.pop("adapter"), **found}
+        return {"qube": self.qube, "engine": self.engine, "adapter_version": found.pop("adapter"), **found}
 
     def recovery_info(self) -> dict[str, str | None]:
         """Where the repository is, its engine password and borg's key, for the recovery sheet:
@@ -245,5 +247,5 @@ class Adapter:
                 len(value) > limit or proc.printable(value, limit) != value or value.count("\n") >= lines
             ):
                 raise QtbError(f"backup qube sent an unprintable or oversized {key!r} for `recovery-info`")
-            out[key] = value
+            out["engine_version" if key == "version" else key] = value  # as every dom0 answer names it
         return out

@@ -99,7 +99,7 @@ def print_version(result: dict) -> None:
     print(f"qtb-pipe {result['qtb_pipe']}, scrypt shim {result['shim_version']}")
     print_shim_status(result["shim"])
     if found := result["adapter"]:
-        print(f"backup qube '{found['qube']}': qtb-adapter {found['version']}, {found['engine']} "
+        print(f"backup qube '{found['qube']}': qtb-adapter {found['adapter_version']}, {found['engine']} "
               f"{found['engine_version']} ({found['engine_line']})")  # fmt: skip
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import xml.etree.ElementTree as ET
 
-from . import proc
+from . import proc, qubes
 from .config import root
 
 SAFE_DRIVERS = ("lvm_thin", "file-reflink")
@@ -27,14 +26,6 @@ class Unknown(Exception):
     """The qube's state cannot be told from its metadata; the message says why."""
 
 
-def _table(text: str) -> dict[str, str]:
-    """`qvm-volume info` / `qvm-pool info` rows: a key, spaces, a value."""
-    rows = (
-        re.split(r"\s+", line.strip(), maxsplit=1) for line in text.splitlines() if line and line[0] != " "
-    )
-    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
-
-
 def _volume(qube: str, volume: str, drivers: dict[str, str]) -> dict | None:
     res = proc.run(["qvm-volume", "info", f"{qube}:{volume}"])
     if res.code != 0:
@@ -42,13 +33,12 @@ def _volume(qube: str, volume: str, drivers: dict[str, str]) -> dict | None:
             return None
         raise Unknown(f"qvm-volume info {qube}:{volume} failed")
     text = res.stdout.decode()
-    info = _table(text.split("List of available revisions")[0])
+    info = qubes.info_table(text.split("List of available revisions")[0])
     if info.get("save_on_stop") != "True":
         return None
     pool = info.get("pool", "")
     if pool not in drivers:
-        pool_info = proc.run(["qvm-pool", "info", pool])
-        drivers[pool] = _table(pool_info.stdout.decode()).get("driver", "?") if pool_info.code == 0 else "?"
+        drivers[pool] = qubes.pool_info(pool).get("driver", "?")
     if drivers[pool] not in SAFE_DRIVERS:
         raise Unknown(f"pool {pool} ({drivers[pool]}) does not tell changed volumes by their revisions")
     if not info.get("revisions_to_keep", "").isdigit() or int(info["revisions_to_keep"]) < 1:

@@ -57,15 +57,26 @@ def list_qubes() -> dict[str, QubeInfo]:
     return qubes
 
 
-def pool_free(volume: str) -> tuple[str, int | None]:
-    """The pool a restore makes new `volume` volumes in (qubes-prefs default_pool_VOLUME: the tool
-    gives none, facts V8) and its size less its usage (qvm-pool info, V2); None when not said."""
-    pool = proc.run(["qubes-prefs", f"default_pool_{volume}"]).stdout.decode().strip()
-    rows = proc.run(["qvm-pool", "info", pool]).stdout.decode().splitlines() if pool else []
-    found = dict(row.split(None, 1) for row in rows if len(row.split()) == 2)
-    with contextlib.suppress(KeyError, ValueError):
-        return pool, int(found["size"]) - int(found["usage"])
-    return pool, None
+def info_table(text: str) -> dict[str, str]:
+    """`qvm-volume info` / `qvm-pool info` rows: a key, spaces, a value."""
+    rows = (
+        re.split(r"\s+", line.strip(), maxsplit=1) for line in text.splitlines() if line and line[0] != " "
+    )
+    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
+
+
+def pool_info(pool: str) -> dict[str, str]:
+    """`qvm-pool info POOL`: its driver and settings, and qubesd's size and usage (facts V2); {} if
+    it fails."""
+    res = proc.run(["qvm-pool", "info", pool])
+    return info_table(res.stdout.decode()) if res.code == 0 else {}
+
+
+def default_pool(volume: str) -> str:
+    """Where a restore makes new `volume` volumes: it gives no pool, so qubesd takes qubes-prefs
+    default_pool_VOLUME (facts V8); "" when that is unset or cannot be read."""
+    res = proc.run(["qubes-prefs", f"default_pool_{volume}"])
+    return res.stdout.decode().strip() if res.code == 0 else ""
 
 
 def start_qube(name: str) -> None:

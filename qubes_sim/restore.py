@@ -355,7 +355,7 @@ class Restore:
             )
             next_qid += 1
             host[q.name] = q
-            storage.init_volumes(self.world, q.name, q.klass, self.world.state["default_pool"])
+            storage.init_volumes(self.world, q.name, q.klass, self.world.default_pool)
             q.vm_dir(self.world).mkdir(parents=True, exist_ok=True)
             self.world.qube_home(q.name).mkdir(parents=True, exist_ok=True)
             t.restored = q

@@ -370,7 +370,7 @@ def qubes_prefs(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qubes-prefs")
     p.add_argument("prop", nargs="?")
     args = p.parse_args(argv)
-    pool = _world().state["default_pool"]
+    pool = _world().default_pool
     props = {f"default_pool{v}": pool for v in ("", "_private", "_root", "_volatile")}
     if args.prop is None:  # qvm_prefs.py process_actions: NAME, D (a default), the value
         width = max(map(len, props))

@@ -94,6 +94,11 @@ class World:
         return self.state["dom0_user"]
 
     @property
+    def default_pool(self) -> str:
+        """qubes-prefs default_pool (facts V8): init --pool's; vm-pool in worlds made before it was kept."""
+        return self.state.get("default_pool", "vm-pool")
+
+    @property
     def dom0_home(self) -> Path:
         return self.dom0 / "home" / self.user
 

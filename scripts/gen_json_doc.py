@@ -25,8 +25,9 @@ Lines: progress lines, then the result on one line (see the last section). Sizes
 ISO 8601 UTC, durations seconds.
 No key outside its table is ever there. "when" is `always`, or the case in which the key is there.
 One name means one thing in every answer (a test holds the schemas to it): `qubes` is always an
-object keyed by qube name, a plain list of names is `qube_names`, `snapshot` is a snapshot id,
-`engine` is restic or borg, and `adapter` is what `qtb-adapter version` answered.
+object keyed by qube name, and a list of names is `qube_names` (or says its role: `included`);
+`snapshot` is a snapshot id, `engine` restic or borg, `adapter` what `qtb-adapter version` answered;
+a version is named by whose it is (`qtb_pipe`, `shim_version`, `adapter_version`, `engine_version`).
 """
 
 

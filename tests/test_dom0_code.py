@@ -45,8 +45,11 @@ SHIM_BUDGET = 450
 # fields dom0 bounded, not the backup qube's raw object), then 3,200 (issue 12.5: a restore that
 # the default pools have no room for is said before any data; the stock tool never checks them and
 # a full thin pool leaves qubes half made, facts V8), then 3,205 (adapter.py alone checks every
-# backup-qube answer: prune's and check's were checked in manage.py); it may only go down.
-DOM0_CEILING = 3205
+# backup-qube answer: prune's and check's were checked in manage.py), then 3,232 (a review of the
+# pool check: a volume's chunks past .999 counted, restore --all counts only what it restores, the
+# drivers whose room says something, a pool on dom0's home's file system counted there too, one
+# parser of qvm-pool info); it may only go down.
+DOM0_CEILING = 3232
 
 
 def code_lines(path: Path) -> int:

@@ -731,7 +731,7 @@ def test_version_names_every_part_and_what_it_could_not_ask(backed_up, engine, f
     assert (found["qtb_pipe"], found["shim_version"]) == (qtb_pipe.__version__, SHIM_VERSION)
     assert found["shim"]["active"] and found["shim"]["up_to_date"]
     adapter = found["adapter"]
-    assert (adapter["qube"], adapter["engine"], adapter["version"]) == (
+    assert (adapter["qube"], adapter["engine"], adapter["adapter_version"]) == (
         "backup",
         engine,
         qtb_adapters.__version__,

@@ -130,14 +130,16 @@ def refs(prop: dict) -> set[str]:
 @pytest.mark.parametrize("name", sorted(schemas()))
 def test_one_name_means_one_thing(name):
     """Issue 12.4: `qubes` was a list of names in one answer and {qube: result} in another, `adapter`
-    the adapter's version in one and its raw check answer in another."""
+    the adapter's version in one and its raw check answer in another; `version` the adapter's in one
+    and the engine's in another."""
     qube = "common.schema.json#/$defs/qube"
     for node in objects(schemas()[name]):
         for key, prop in node["properties"].items():
             if key == "qubes":  # always {qube: what about it}
                 assert prop["type"] == "object" and prop["propertyNames"] == {"$ref": qube}, name
-            if key == "qube_names":  # a plain list of names
-                assert prop["type"] == "array" and prop["items"] == {"$ref": qube}, name
+            if prop.get("type") == "array" and prop.get("items") == {"$ref": qube}:  # a list of names
+                assert key in ("qube_names", "included"), (name, key)  # or what its role is
+            assert key != "version" and not (key.endswith("_version") and prop["type"] != "string"), name
             if key == "adapter":  # always `qtb-adapter version`'s answer (null: it did not answer)
                 assert "/$defs/adapter" in refs(prop), name
             if key == "snapshot":

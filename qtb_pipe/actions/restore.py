@@ -4,7 +4,9 @@ against the pass's plan before any plaintext reaches dom0's parsers."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import re
 import shutil
 import sys
@@ -108,6 +110,13 @@ def refuse_before_data(
     return broken
 
 
+def left_out(flags: RestoreFlags, broken: dict[str, str], host: dict) -> set[str]:
+    """What the tool will not restore of those chosen: dom0's home with --skip-dom0-home, the broken
+    with --skip-broken, a name taken with --skip-conflicting (not retrieved; dom0's home never is)."""
+    skip = ({"dom0"} if flags.skip_dom0_home else set()) | (set(broken) if flags.skip_broken else set())
+    return skip | (set(host) - {"dom0"} if flags.skip_conflicting and not flags.verify_only else set())
+
+
 def refuse_another_users_home(copies: list[Manifest], chosen: list[str], flags: RestoreFlags) -> None:
     """The tool refuses another user's dom0 home after the verify pass (handle_broken): said before it."""
     chunks = [c["path"] for m in copies for c in m.chunks_of([DOM0_HOME])]
@@ -122,24 +131,43 @@ def refuse_another_users_home(copies: list[Manifest], chosen: list[str], flags: 
         )
 
 
-VOLUME_CHUNK = re.compile(r"vm[0-9]+/(private|root)\.img\.[0-9]{3}")
+VOLUME_FILE = re.compile(r"vm[0-9]+/(private|root)\.img")  # a chunk's file (shim.CHUNK_PATH_RE)
+SIZED_DRIVERS = ("lvm_thin", "file", "file-reflink")  # what they hold is what was written (zfs compresses)
 
 
-def refuse_short_of_pool_space(chunks: list[dict], flags: RestoreFlags) -> None:
-    """The volumes restored go to the default pools, which the tool does not check (facts V8): a thin
-    pool that fills up mid-import fails there, with qubes half made. Each needs its bytes as sent."""
+def pool_room(info: dict[str, str]) -> int | None:
+    """A pool's size less its usage (qvm-pool info, facts V2); None when it does not say: no such rows,
+    another driver, or size 0 (lvm_thin's when qubesd cannot find its thin pool, lvm.py l.194-210)."""
+    size, usage = info.get("size", ""), info.get("usage", "")
+    if info.get("driver") in SIZED_DRIVERS and size.isdigit() and usage.isdigit() and int(size) > 0:
+        return int(size) - int(usage)
+    return None
+
+
+def refuse_short_of_pool_space(chunks: list[dict], flags: RestoreFlags) -> int:
+    """The volumes restored go to the default pools, which the tool does not check (facts V8): a full
+    thin pool fails the import midway, with qubes half made. Refused when a pool's room is less than
+    its private and root volumes as backed up (a lower bound: no margin is asked). Returns the bytes
+    going to a pool on dom0's home's file system (a btrfs install's file-reflink pool)."""
     volumes: Counter[str] = Counter()
     for c in chunks if not flags.verify_only else []:
-        if found := VOLUME_CHUNK.fullmatch(c["path"]):
-            volumes[found[1]] += c["size"]
-    pools = {volume: qubes.pool_free(volume) for volume in volumes}
-    for pool, room in set(pools.values()):
-        need = sum(volumes[volume] for volume, (name, _) in pools.items() if name == pool)
-        if room is not None and room < need:
+        chunk = shim.CHUNK_PATH_RE.fullmatch(c["path"])
+        if chunk and (volume := VOLUME_FILE.fullmatch(chunk["file"])):
+            volumes[volume[1]] += c["size"]
+    need: Counter[str] = Counter()
+    for volume, size in volumes.items():
+        need[qubes.default_pool(volume)] += size
+    on_home = 0
+    for pool, size in need.items():
+        info = qubes.pool_info(pool) if pool else {}
+        if (room := pool_room(info)) is not None and room < size:
             raise QtbError(
                 f"pool {pool} has {human_bytes(room)} free and the restored qubes' private and root volumes "
-                f"need {human_bytes(need)} there: free space in it, or restore fewer qubes"
+                f"need {human_bytes(size)} there: free space in it, or restore fewer qubes"
             )
+        with contextlib.suppress(OSError, KeyError):  # a file pool's directory: no dir_path, no sharing
+            on_home += size if os.stat(info["dir_path"]).st_dev == os.stat(Path.home()).st_dev else 0
+    return on_home
 
 
 UNPACKER_MARGIN = 500 << 20  # qfile-dom0-unpacker -w: below this much free it waits, with no timeout (R1)
@@ -147,16 +175,17 @@ UNPACKER_MARGIN = 500 << 20  # qfile-dom0-unpacker -w: below this much free it w
 
 def refuse_short_of_space(chunks: list[dict], flags: RestoreFlags) -> None:
     """The tool's temporary directory and a restored home are in dom0's home: room for the largest chunk
-    and the unpacker's margin (else the restore stalls), and for the home when it is restored; and the
-    pools for the volumes."""
-    refuse_short_of_pool_space(chunks, flags)
+    and the unpacker's margin (else the restore stalls), and for the home when it is restored; and
+    first the pools for the volumes, counted here too for a pool on the same file system."""
+    pooled = refuse_short_of_pool_space(chunks, flags)
     if flags.paranoid_mode:  # it restores in a disposable, and no home
         return
     homes = 0 if flags.verify_only else sum(c["size"] for c in chunks if c["path"].startswith(DOM0_HOME))
-    need = max((c["size"] + shim.TRAILER_SIZE for c in chunks), default=0) + UNPACKER_MARGIN + homes
+    need = max((c["size"] + shim.TRAILER_SIZE for c in chunks), default=0) + UNPACKER_MARGIN + homes + pooled
     need = max(need, 1 << 30)  # the tool's own check_disk_space asks for 1 GiB there (facts R1)
     if (free := shutil.disk_usage(Path.home()).free) < need:
         what = "the largest chunk, the 500 MiB the unpacker keeps free" + (", dom0's home" if homes else "")
+        what += ", the volumes of a pool on it" if pooled else ""
         what += "; at least the 1 GiB qvm-backup-restore asks for" if need == 1 << 30 else ""
         raise QtbError(
             f"dom0's home has {human_bytes(free)} free and this restore needs {human_bytes(need)} there "
@@ -295,11 +324,7 @@ def run_restore(cfg: Config, opts: RestoreOptions, found: Manifest | None = None
     host = qubes.list_qubes()
     broken = refuse_before_data(found.qubes, chosen, host, opts.flags)
     refuse_another_users_home([found], chosen, opts.flags)
-    skip = ({"dom0"} if opts.flags.skip_dom0_home else set()) | (
-        set(broken) if opts.flags.skip_broken else set()
-    )
-    if opts.flags.skip_conflicting and not opts.flags.verify_only:
-        skip |= set(host) - {"dom0"}  # skipped for a name conflict: not retrieved (dom0's home never is)
+    skip = left_out(opts.flags, broken, host)
     prefixes = [found.qubes[n].path for n in chosen if n not in skip]
     if not prefixes:
         raise QtbError(f"nothing to restore: {', '.join(chosen)} skipped (names taken, or dom0's home)")
@@ -392,11 +417,16 @@ def run_restore_latest(cfg: Config, opts: RestoreOptions, names: list[str], as_o
     that holds a chosen qube's newest copy. A qube whose copy fails is reported; the others go on."""
     skip = {"dom0"} if opts.flags.skip_dom0_home else set()  # dom0's home: a snapshot of its own
     manifests, unreadable = latest_copies(cfg, names, as_of, opts.new_system, opts.as_json, skip)
-    entries = {name: q for m in manifests.values() for name, q in m.qubes.items()}
-    refuse_before_data(entries, list(entries), qubes.list_qubes(), opts.flags)  # all of it, first
+    entries, host = {name: q for m in manifests.values() for name, q in m.qubes.items()}, qubes.list_qubes()
+    broken = refuse_before_data(entries, list(entries), host, opts.flags)  # all of it, first
     refuse_another_users_home(list(manifests.values()), list(entries), opts.flags)
-    chosen = [c for m in manifests.values() for c in m.chunks_of([q.path for q in m.qubes.values()])]
-    refuse_short_of_space(chosen, opts.flags)  # the whole of it, before the first snapshot's restore
+    skip = left_out(opts.flags, broken, host)
+    restored = [
+        c
+        for m in manifests.values()
+        for c in m.chunks_of([q.path for n, q in m.qubes.items() if n not in skip])
+    ]
+    refuse_short_of_space(restored, opts.flags)  # the whole of it, before the first snapshot's restore
     result: dict = {
         "engine": cfg.engine,
         "verified_only": opts.flags.verify_only,

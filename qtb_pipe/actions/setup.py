@@ -31,7 +31,7 @@ qtb-pipe recovery sheet, written {date}. Keep it offline: with it, anyone can re
 Recovery key (dom0's backup secret):
     {key}
 
-Repository: {engine} {version}, in the backup qube '{backup_qube}':
+Repository: {engine} {engine_version}, in the backup qube '{backup_qube}':
     {repository}
 Engine password:
     {password}
@@ -186,8 +186,8 @@ def print_init(result: dict) -> None:
     for warning in result["warnings"]:
         warn(warning)
     if found := result["adapter"]:
-        print(f"backup qube '{found['qube']}' answers: qtb-adapter {found['version']}, {found['engine']} "
-              f"{found['engine_version']}")  # fmt: skip
+        print(f"backup qube '{found['qube']}' answers: qtb-adapter {found['adapter_version']}, "
+              f"{found['engine']} {found['engine_version']}")  # fmt: skip
     if result["secret_kept"]:
         print(f"wrote {result['config']}; kept the backup secret {result['secret']}")
     else:
